@@ -1,0 +1,7 @@
+"""fastlstm: fused LSTM kernels and tooling for recurrent language models in PyTorch."""
+from ._backends import available_backends
+from .modules import LSTM, LSTMCell, convert
+
+__version__ = "0.1.0"
+
+__all__ = ["LSTM", "LSTMCell", "convert", "available_backends", "__version__"]

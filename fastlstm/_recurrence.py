@@ -1,0 +1,235 @@
+"""The recurrence contract shared by every fused backend (triton, cuda, cpu).
+
+One LSTM layer, one direction, runs as
+    xg = x @ W_ih^T + (b_ih + b_hh)            one GEMM, done by torch (autograd handles it)
+    out, h_n, c_n = recurrence_forward(xg, ...)  the fused part, one op per backend
+
+Rows are in the *packed* layout: `xg` is [N, 4H] and time step t owns rows
+offsets[t] : offsets[t] + batch_sizes[t] (offsets = exclusive cumsum of batch_sizes; batch sizes
+never increase). A dense [T, B] input is the same layout with batch_sizes = [B] * T, which the ops
+receive as an *empty* `batch_sizes` tensor (no host data needed). State buffers h [B, P], c [B, H]
+start at h0, c0; at step t only rows b < batch_sizes[t] are live and updated; the others keep their
+value. Forward direction visits t = 0..T-1, reverse visits t = T-1..0. This one rule gives the right
+h_n for sequences that end early (forward) and the right start for ones that start late (reverse).
+
+Per live row, with gate order i, f, g, o as in nn.LSTM:
+    pre = xg[row] + h[b] @ W_hh^T                      (accumulated in fp32 or fp64)
+    i, f, o = sigmoid(pre_i, pre_f, pre_o); g = tanh(pre_g)
+    c[b] = f * c[b] + i * g                            (kept in fp32 for fp16/bf16)
+    r = o * tanh(c[b]);  h[b] = r @ W_hr^T if proj else r;  out[row] = h[b]
+
+Op schemas (namespace `fastlstm` in C++, `fastlstm_triton` for Triton):
+  recurrence_forward(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh,
+                     Tensor? w_hr, bool reverse, bool save)
+      -> (out [N,P] dtype, h_n [B,P] dtype, c_n [B,H] dtype,
+          gates [N,4H] acc dtype (activated i,f,g,o; [0] when not save),
+          cells [N,H] acc dtype (c after each row's step; [0] when not save))
+  recurrence_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor batch_sizes,
+                      Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor gates, Tensor cells, bool reverse)
+      -> (grad_xg [N,4H] dtype (pre-activation gate gradients), grad_h0 [B,P], grad_c0 [B,H],
+          grad_h_total [N,P] dtype (the whole gradient reaching each row's h; [0] without proj))
+acc dtype is float64 for float64 input and float32 otherwise. The weight gradients are GEMMs over
+all rows, done here in Python: dW_hh = grad_xg^T @ h_prev, dW_hr = grad_h_total^T @ (o*tanh(c)).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def step_layout(batch_sizes: torch.Tensor | None, num_rows: int, batch: int):
+    """[(offset, live)] per time step, in time order, as Python ints."""
+    if batch_sizes is None or batch_sizes.numel() == 0:
+        steps = num_rows // batch if batch else 0
+        return [(t * batch, batch) for t in range(steps)]
+    layout, offset = [], 0
+    for live in batch_sizes.tolist():
+        layout.append((offset, live))
+        offset += live
+    return layout
+
+
+def previous_rows(batch_sizes: torch.Tensor, num_rows: int, reverse: bool) -> torch.Tensor:
+    """For packed rows: index of each row's previous state in cat([rows, initial_state]).
+
+    Row (t, b) reads the row of the same sequence at the previous visited step, or initial row
+    num_rows + b when the sequence was not live there.
+    """
+    sizes = batch_sizes.to(torch.int64).cpu()
+    steps = sizes.numel()
+    offsets = torch.zeros(steps + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(sizes, 0)
+    step_of_row = torch.repeat_interleave(torch.arange(steps), sizes)
+    b_of_row = torch.arange(num_rows) - offsets[step_of_row]
+    prev_step = step_of_row + (1 if reverse else -1)
+    valid = (prev_step >= 0) & (prev_step < steps)
+    prev_step_clamped = prev_step.clamp(0, max(steps - 1, 0))
+    valid &= b_of_row < sizes[prev_step_clamped]
+    return torch.where(valid, offsets[prev_step_clamped] + b_of_row, num_rows + b_of_row)
+
+
+def previous_hidden(out: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tensor,
+                    reverse: bool) -> torch.Tensor:
+    """h_prev for every row: the h that row's step multiplied with W_hh."""
+    batch = h0.shape[0]
+    if batch_sizes.numel() == 0:
+        steps = out.shape[0] // batch if batch else 0
+        seq = out.reshape(steps, batch, -1)
+        if reverse:
+            prev = torch.cat([seq[1:], h0.unsqueeze(0)], 0)
+        else:
+            prev = torch.cat([h0.unsqueeze(0), seq[:-1]], 0)
+        return prev.reshape(out.shape[0], -1)
+    index = previous_rows(batch_sizes, out.shape[0], reverse).to(out.device)
+    return torch.cat([out, h0], 0).index_select(0, index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-torch implementation of the two ops: the specification the kernels are tested against.
+# ----------------------------------------------------------------------------------------------
+
+def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
+    dtype, acc = xg.dtype, acc_dtype(xg.dtype)
+    num_rows, hidden = xg.shape[0], c0.shape[1]
+    batch = h0.shape[0]
+    h = h0.to(acc).clone()
+    c = c0.to(acc).clone()
+    w_hh_acc = w_hh.to(acc)
+    w_hr_acc = w_hr.to(acc) if w_hr is not None else None
+    out = xg.new_empty(num_rows, h0.shape[1])
+    gates = torch.empty(num_rows if save else 0, 4 * hidden, dtype=acc, device=xg.device)
+    cells = torch.empty(num_rows if save else 0, hidden, dtype=acc, device=xg.device)
+    layout = step_layout(batch_sizes, num_rows, batch)
+    for offset, live in (reversed(layout) if reverse else layout):
+        rows = slice(offset, offset + live)
+        pre = xg[rows].to(acc) + h[:live] @ w_hh_acc.t()
+        i, f, g, o = pre.chunk(4, 1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c_new = f * c[:live] + i * g
+        r = o * c_new.tanh()
+        h_new = r @ w_hr_acc.t() if w_hr_acc is not None else r
+        if dtype != acc:  # the next step reads h as the caller's dtype would hold it
+            h_new = h_new.to(dtype).to(acc)
+        c[:live] = c_new
+        h[:live] = h_new
+        out[rows] = h_new.to(dtype)
+        if save:
+            gates[rows] = torch.cat([i, f, g, o], 1)
+            cells[rows] = c_new
+    return out, h.to(dtype), c.to(dtype), gates, cells
+
+
+def reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr,
+                                  gates, cells, reverse):
+    dtype, acc = grad_out.dtype, acc_dtype(grad_out.dtype)
+    num_rows, hidden = gates.shape[0], c0.shape[1]
+    batch = c0.shape[0]
+    dh = grad_hn.to(acc).clone()
+    dc = grad_cn.to(acc).clone()
+    w_hh_acc = w_hh.to(acc)
+    w_hr_acc = w_hr.to(acc) if w_hr is not None else None
+    grad_xg = grad_out.new_empty(num_rows, 4 * hidden)
+    grad_h_total = grad_out.new_empty(num_rows if w_hr is not None else 0, grad_out.shape[1])
+    if batch_sizes.numel() == 0:
+        prev_index = None
+    else:
+        prev_index = previous_rows(batch_sizes, num_rows, reverse).to(cells.device)
+    cells_with_init = torch.cat([cells, c0.to(acc)], 0)
+    layout = step_layout(batch_sizes, num_rows, batch)
+    for offset, live in (layout if reverse else reversed(layout)):
+        rows = slice(offset, offset + live)
+        if prev_index is None:
+            prev = (offset + (batch if reverse else -batch))
+            if 0 <= prev < num_rows:
+                c_prev = cells[prev:prev + live]
+            else:
+                c_prev = c0[:live].to(acc)
+        else:
+            c_prev = cells_with_init.index_select(0, prev_index[rows])
+        i, f, g, o = gates[rows].chunk(4, 1)
+        c = cells[rows]
+        dh_row = dh[:live] + grad_out[rows].to(acc)
+        if w_hr_acc is not None:
+            grad_h_total[rows] = dh_row.to(dtype)
+            dr = dh_row @ w_hr_acc
+        else:
+            dr = dh_row
+        tc = c.tanh()
+        dc_total = dc[:live] + dr * o * (1 - tc * tc)
+        d_i = dc_total * g * i * (1 - i)
+        d_f = dc_total * c_prev * f * (1 - f)
+        d_g = dc_total * i * (1 - g * g)
+        d_o = dr * tc * o * (1 - o)
+        dpre = torch.cat([d_i, d_f, d_g, d_o], 1)
+        grad_xg[rows] = dpre.to(dtype)
+        dh[:live] = dpre @ w_hh_acc
+        dc[:live] = dc_total * f
+    return grad_xg, dh.to(dtype), dc.to(dtype), grad_h_total
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd for a backend's pair of ops, registered once per backend.
+# ----------------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save = inputs
+    out, _h_n, _c_n, gates, cells = output
+    ctx.reverse = reverse
+    ctx.has_proj = w_hr is not None
+    ctx.saved = save
+    ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells)
+
+
+def make_backward(backward_op):
+    """The autograd formula for recurrence_forward, given the backend's backward op."""
+
+    def backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
+        batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
+        if not ctx.saved:
+            raise RuntimeError("fastlstm: recurrence_forward was called with save=False, so it "
+                               "kept nothing for backward; call it with save=True when training")
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+        grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
+        grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn.contiguous()
+        grad_xg, grad_h0, grad_c0, grad_h_total = backward_op(
+            grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, ctx.reverse)
+        grad_w_hh = grad_w_hr = None
+        if ctx.needs_input_grad[4]:
+            h_prev = previous_hidden(out, h0, batch_sizes, ctx.reverse)
+            grad_w_hh = grad_xg.t().mm(h_prev)
+        if ctx.has_proj and ctx.needs_input_grad[5]:
+            hidden = c0.shape[1]
+            r = (gates[:, 3 * hidden:] * cells.tanh()).to(out.dtype)
+            grad_w_hr = grad_h_total.t().mm(r)
+        return grad_xg, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None
+
+    return backward
+
+
+def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
+    rows = xg.shape[0] if save else 0
+    acc = acc_dtype(xg.dtype)
+    return (xg.new_empty(xg.shape[0], h0.shape[1]), h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape), xg.new_empty(rows, xg.shape[1], dtype=acc),
+            xg.new_empty(rows, c0.shape[1], dtype=acc))
+
+
+def fake_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, reverse):
+    rows = grad_out.shape[0]
+    return (grad_out.new_empty(rows, 4 * c0.shape[1]), grad_hn.new_empty(grad_hn.shape),
+            grad_cn.new_empty(grad_cn.shape),
+            grad_out.new_empty(rows if w_hr is not None else 0, grad_out.shape[1]))
+
+
+def register(forward_qualname: str, backward_op, *, fake: bool = True,
+             backward_qualname: str | None = None):
+    """Attach fake kernels and autograd to a backend's recurrence ops."""
+    if fake:
+        torch.library.register_fake(forward_qualname)(fake_forward)
+        if backward_qualname is not None:
+            torch.library.register_fake(backward_qualname)(fake_backward)
+    torch.library.register_autograd(forward_qualname, make_backward(backward_op),
+                                    setup_context=_setup_context)

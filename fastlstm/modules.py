@@ -1,0 +1,273 @@
+"""fastlstm.LSTM and fastlstm.LSTMCell: nn.LSTM / nn.LSTMCell whose recurrence runs fused.
+
+Only `forward` differs from the parent classes: same constructor (plus keyword-only `backend`),
+parameters, state_dict keys, repr and errors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _backends
+from ._stack import layer_function, lstm_stack
+
+
+def _autocast_dtype(device_type: str):
+    """The dtype autocast would run an LSTM in on this device type, or None when it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no per-device query
+        enabled = (torch.is_autocast_enabled() if device_type == "cuda"
+                   else torch.is_autocast_cpu_enabled())
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:
+        return (torch.get_autocast_gpu_dtype() if device_type == "cuda"
+                else torch.get_autocast_cpu_dtype())
+
+
+def _check_same_device(input, tensors, what):
+    for tensor in tensors:
+        if tensor is not None and tensor.device != input.device:
+            raise RuntimeError(
+                f"Input and {what} tensors are not at the same device, found input tensor at "
+                f"{input.device} and {what} tensor at {tensor.device}")
+
+
+def _bypass_fused() -> bool:
+    """Exporters and TorchScript tracing see nn.LSTM's own graph."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and onnx.is_in_onnx_export())
+
+
+class LSTM(nn.LSTM):
+    __doc__ = (
+        "Drop-in :class:`torch.nn.LSTM` whose recurrence runs in fused kernels.\n\n"
+        "Takes nn.LSTM's arguments plus keyword-only ``backend`` ('auto', 'cpu', 'cuda', "
+        "'triton' or 'torch'; see fastlstm.available_backends). Shapes, outputs and errors are "
+        "nn.LSTM's: input [T, B, input_size] (or [B, T, input_size] with batch_first, "
+        "[T, input_size] unbatched, or a PackedSequence), optional hx = (h_0 "
+        "[num_layers * num_directions, B, proj_size or hidden_size], c_0 [num_layers * "
+        "num_directions, B, hidden_size]); returns output [T, B, num_directions * (proj_size or "
+        "hidden_size)] and (h_n, c_n). fp32/fp64 everywhere; fp16/bf16 on CUDA with fp32 "
+        "accumulation and fp32 cell state.\n"
+    )
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        _backends.check_backend_name(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        backend = getattr(self, "backend", "auto")
+        return text if backend == "auto" else f"{text}, backend={backend!r}"
+
+    def _layer_weights(self):
+        directions = 2 if self.bidirectional else 1
+        weights = []
+        for layer in range(self.num_layers):
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                weights.append((
+                    getattr(self, "weight_ih" + suffix),
+                    getattr(self, "weight_hh" + suffix),
+                    getattr(self, "bias_ih" + suffix) if self.bias else None,
+                    getattr(self, "bias_hh" + suffix) if self.bias else None,
+                    getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
+                ))
+        return weights
+
+    def forward(self, input, hx=None):  # noqa: C901 - mirrors nn.LSTM.forward step by step
+        if _bypass_fused():
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        orig_input = input
+        batch_sizes = None
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"LSTM: input must be a Tensor or a PackedSequence, got "
+                                f"{type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = unsorted_indices = None
+
+        if hx is None:
+            shape = (self.num_layers * num_directions, max_batch_size)
+            hx = (torch.zeros(*shape, real_hidden_size, dtype=input.dtype, device=input.device),
+                  torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device))
+            self.check_forward_args(input, hx, batch_sizes)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise RuntimeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
+            if batch_sizes is None:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError(
+                            "For batched 3-D input, hx and cx should also be 3-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            self.check_forward_args(input, hx, batch_sizes)
+            hx = self.permute_hidden(hx, sorted_indices)
+
+        weights = self._layer_weights()
+        _check_same_device(input, hx, "hidden")
+        _check_same_device(input, [w for ws in weights for w in ws], "parameter")
+        autocast_dtype = _autocast_dtype(input.device.type)
+        if autocast_dtype is not None and input.is_floating_point():
+            # What autocast does for nn.LSTM: run the whole op in the autocast dtype.
+            cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
+            input = cast(input)
+            hx = (cast(hx[0]), cast(hx[1]))
+            weights = [tuple(cast(w) for w in ws) for ws in weights]
+        else:
+            for index, tensor in enumerate(hx):
+                if tensor.dtype != input.dtype:
+                    raise RuntimeError(
+                        f"LSTM: hx[{index}] has dtype {tensor.dtype} but input has dtype "
+                        f"{input.dtype}; they must match")
+
+        backend = _backends.resolve(self.backend, input.device, input.dtype)
+        with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
+            if batch_sizes is None:
+                steps_first = input.transpose(0, 1) if self.batch_first else input
+                steps, batch = steps_first.shape[0], steps_first.shape[1]
+                rows = steps_first.reshape(steps * batch, self.input_size)
+                out_rows, h_n, c_n = lstm_stack(
+                    rows, None, hx[0], hx[1], weights, num_layers=self.num_layers,
+                    bidirectional=self.bidirectional, dropout=float(self.dropout),
+                    training=self.training, backend=backend)
+                output = out_rows.reshape(steps, batch, out_rows.shape[-1])
+                if self.batch_first:
+                    output = output.transpose(0, 1)
+            else:
+                output, h_n, c_n = lstm_stack(
+                    input, batch_sizes, hx[0], hx[1], weights, num_layers=self.num_layers,
+                    bidirectional=self.bidirectional, dropout=float(self.dropout),
+                    training=self.training, backend=backend)
+
+        hidden = (h_n, c_n)
+        if isinstance(orig_input, PackedSequence):
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LSTMCell(nn.LSTMCell):
+    __doc__ = (
+        "Drop-in :class:`torch.nn.LSTMCell` whose step runs in a fused kernel.\n\n"
+        "Takes nn.LSTMCell's arguments plus keyword-only ``backend``. input [B, input_size] or "
+        "[input_size]; hx = (h [B, hidden_size], c [B, hidden_size]) or None; returns (h', c').\n"
+    )
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        _backends.check_backend_name(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        backend = getattr(self, "backend", "auto")
+        return text if backend == "auto" else f"{text}, backend={backend!r}"
+
+    def forward(self, input, hx=None):
+        if _bypass_fused():
+            return super().forward(input, hx)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for index, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(
+                        f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype,
+                                device=input.device)
+            hx = (zeros, zeros)
+        else:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if not is_batched else hx
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected "
+                               f"{self.input_size}")
+        for index, tensor in enumerate(hx):
+            if tensor.size(0) != input.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
+                                   f"batch size {tensor.size(0)}")
+            if tensor.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
+                                   f"{tensor.size(1)}, expected {self.hidden_size}")
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        _check_same_device(input, hx, "hidden")
+        _check_same_device(input, weights, "parameter")
+        autocast_dtype = _autocast_dtype(input.device.type)
+        if autocast_dtype is not None and input.is_floating_point():
+            cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
+            input, hx, weights = cast(input), (cast(hx[0]), cast(hx[1])), tuple(
+                cast(w) for w in weights)
+        else:
+            for index, tensor in enumerate(hx):
+                if tensor.dtype != input.dtype:
+                    raise RuntimeError(f"LSTMCell: hx[{index}] has dtype {tensor.dtype} but input "
+                                       f"has dtype {input.dtype}; they must match")
+                if weights[0].dtype != input.dtype:
+                    raise RuntimeError(f"LSTMCell: input has dtype {input.dtype} but weight_ih "
+                                       f"has dtype {weights[0].dtype}; they must match")
+        backend = _backends.resolve(self.backend, input.device, input.dtype)
+        run_layer = layer_function(backend)
+        with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
+            _out, h, c = run_layer(input, None, hx[0], hx[1], *weights, reverse=False)
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Turn every nn.LSTM / nn.LSTMCell inside `module` (itself included) into its fastlstm class.
+
+    In place: the modules keep their parameters (nothing is copied), so optimizers and state
+    dicts that refer to them stay valid. Subclasses of nn.LSTM other than fastlstm's are left
+    alone. Returns `module`.
+    """
+    for submodule in module.modules():
+        if type(submodule) is nn.LSTM:
+            submodule.__class__ = LSTM
+            submodule.backend = "auto"
+        elif type(submodule) is nn.LSTMCell:
+            submodule.__class__ = LSTMCell
+            submodule.backend = "auto"
+    return module

@@ -1,0 +1,102 @@
+"""Build fastlstm and its compiled extension fastlstm._C.
+
+Environment flags (and nothing else) steer the build:
+  FASTLSTM_BUILD_CUDA  auto (default): CUDA kernels when nvcc and a CUDA build of torch are present;
+                       1: CUDA kernels or a loud failure; 0: C++ CPU kernels only
+  FASTLSTM_CUDA_ARCHS  compute capabilities, default "8.0;9.0" (PTX is embedded for the newest)
+  MAX_JOBS             parallel compile jobs (ninja)
+Install with `pip install --no-build-isolation -e .` so the build uses the installed torch.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources():
+    """The one source list, shared with CMakeLists.txt (which reads csrc/sources.txt)."""
+    with open(os.path.join(ROOT, "csrc", "sources.txt")) as handle:
+        names = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    return [os.path.join("csrc", name) for name in names]
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("fastlstm: torch is not installed; building without fastlstm._C", file=sys.stderr)
+        return [], {}
+    mode = os.environ.get("FASTLSTM_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FASTLSTM_BUILD_CUDA must be auto, 0 or 1; got {mode!r}")
+    nvcc = shutil.which("nvcc") or (
+        cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    cuda_torch = torch.version.cuda is not None
+    if mode == "1" and not (nvcc and cuda_torch):
+        raise SystemExit("FASTLSTM_BUILD_CUDA=1 but " + (
+            "nvcc was not found (set CUDA_HOME or put nvcc on PATH)" if not nvcc else
+            f"torch {torch.__version__} is a CPU-only build"))
+    with_cuda = mode == "1" or (mode == "auto" and bool(nvcc) and cuda_torch)
+
+    sources = _sources()
+    cpp_sources = [s for s in sources if s.endswith(".cpp")]
+    cu_sources = [s for s in sources if s.endswith(".cu")]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = [("Py_LIMITED_API", None)] if False else []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        archs = os.environ.get("FASTLSTM_CUDA_ARCHS", "8.0;9.0")
+        arch_list = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                      "--expt-relaxed-constexpr", "-Xptxas=-v",
+                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        for index, arch in enumerate(arch_list):
+            number = arch.replace(".", "")
+            nvcc_flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+            if index == len(arch_list) - 1:  # PTX for the newest, so later GPUs can JIT it
+                nvcc_flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+        # Some torch CUDA headers include cuBLAS/cuSPARSE headers that a bare CUDA toolkit may
+        # lack; the pip nvidia packages that come with a CUDA torch ship them.
+        import site
+        for base in site.getsitepackages() + [site.getusersitepackages()]:
+            for sub in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/cublas/include",
+                        "nvidia/cusparse/include", "nvidia/cuda_runtime/include"):
+                path = os.path.join(base, sub)
+                if os.path.isdir(path):
+                    include_dirs.append(path)
+        extension = cpp_extension.CUDAExtension(
+            "fastlstm._C", cpp_sources + cu_sources, include_dirs=include_dirs,
+            define_macros=define_macros + [("FASTLSTM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"])
+    else:
+        extension = cpp_extension.CppExtension(
+            "fastlstm._C", cpp_sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [extension], {"build_ext": build}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fastlstm",
+    version="0.1.0",
+    description="Fused LSTM kernels (Triton, CUDA C++, C++) and recurrent language-model tooling "
+                "for PyTorch",
+    packages=find_packages(include=["fastlstm", "fastlstm.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    extras_require={"triton": ["triton>=3.0"],
+                    "test": ["pytest", "hypothesis", "numpy", "scipy"],
+                    "bench": ["pytest-benchmark", "matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["fastlstm=fastlstm.cli:main"]},
+)
