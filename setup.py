@@ -47,7 +47,7 @@ def _extensions():
     cpp_sources = [s for s in sources if s.endswith(".cpp")]
     cu_sources = [s for s in sources if s.endswith(".cu")]
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    define_macros = [("Py_LIMITED_API", None)] if False else []
+    define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         archs = os.environ.get("FASTLSTM_CUDA_ARCHS", "8.0;9.0")
