@@ -1,0 +1,69 @@
+// The LSTM cell arithmetic, written once for the CPU (.cpp) and CUDA (.cu) kernels.
+//
+// Gate order i, f, g, o as in nn.LSTM. `Acc` is the accumulation type: float for fp32/fp16/bf16
+// inputs, double for float64. Every function is __host__ __device__ inline, so the CPU tests
+// exercise the same code the CUDA kernels run.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTLSTM_HD __host__ __device__ __forceinline__
+#else
+#define FASTLSTM_HD inline
+#endif
+
+namespace fastlstm {
+
+template <typename Acc>
+FASTLSTM_HD Acc sigmoid(Acc x) {
+  return Acc(1) / (Acc(1) + exp(-x));
+}
+
+template <typename Acc>
+FASTLSTM_HD Acc tanh_(Acc x) {
+  return tanh(x);
+}
+
+// Activated gates of one hidden unit.
+template <typename Acc>
+struct GateValues {
+  Acc i, f, g, o;
+};
+
+// Forward of one hidden unit: pre-activations in, activated gates and new c out.
+// Returns r = o * tanh(c_new), the unit's output before any projection.
+template <typename Acc>
+FASTLSTM_HD Acc cell_forward(Acc pre_i, Acc pre_f, Acc pre_g, Acc pre_o, Acc c_prev,
+                             GateValues<Acc>& gates, Acc& c_new) {
+  gates.i = sigmoid(pre_i);
+  gates.f = sigmoid(pre_f);
+  gates.g = tanh_(pre_g);
+  gates.o = sigmoid(pre_o);
+  c_new = gates.f * c_prev + gates.i * gates.g;
+  return gates.o * tanh_(c_new);
+}
+
+// Pre-activation gate gradients of one hidden unit.
+template <typename Acc>
+struct GateGrads {
+  Acc i, f, g, o;
+};
+
+// Backward of one hidden unit.
+//   dr: gradient reaching r = o * tanh(c) (after the projection's transpose, if any)
+//   dc_next: gradient reaching c from the later step (or from c_n)
+// Outputs the pre-activation gradients and the gradient to c_prev.
+template <typename Acc>
+FASTLSTM_HD void cell_backward(const GateValues<Acc>& gates, Acc c, Acc c_prev, Acc dr,
+                               Acc dc_next, GateGrads<Acc>& grads, Acc& dc_prev) {
+  const Acc tc = tanh_(c);
+  const Acc dc = dc_next + dr * gates.o * (Acc(1) - tc * tc);
+  grads.i = dc * gates.g * gates.i * (Acc(1) - gates.i);
+  grads.f = dc * c_prev * gates.f * (Acc(1) - gates.f);
+  grads.g = dc * gates.i * (Acc(1) - gates.g * gates.g);
+  grads.o = dr * tc * gates.o * (Acc(1) - gates.o);
+  dc_prev = dc * gates.f;
+}
+
+}  // namespace fastlstm
