@@ -36,6 +36,10 @@
 // FASTLSTM_CUDA_KERNEL=persistent|step|auto (read at every call) forces a kernel; forcing the
 // persistent kernel where it cannot run is an error that says which limit failed.
 //
+// Precision: the fp32 and fp64 paths rely on precise expf/tanhf from cell.h. Build this file
+// without --use_fast_math, which turns tanhf into tanh.approx.f32 (relative error ~2^-11), far
+// coarser than the ~1e-5 agreement with nn.LSTM that fp32 is held to.
+//
 // Measured / not measured: these kernels compile for sm_80 and sm_90 and ptxas reports no spills
 // (tests check the build's report). They have not yet been run or timed on a GPU; nothing here
 // claims a speed, and the selection limits above are capacity limits, not tuned thresholds.
@@ -1162,7 +1166,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
         return;
       }
     }
-    Tensor c_state = c0.to(acc);  // a fresh copy: updated in place step by step
+    // Fresh copies (never the caller's c0, even when it already has the accumulation dtype):
+    // updated in place step by step.
+    Tensor c_state = at::empty({batch, hidden}, xg.options().dtype(acc)).copy_(c0);
     Tensor r_state = has_proj ? at::empty({batch, hidden}, xg.options().dtype(acc)) : Tensor();
     for (int s = 0; s < steps; ++s) {
       const int t = reverse ? steps - 1 - s : s;
@@ -1287,10 +1293,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
         return;
       }
     }
-    Tensor dh = grad_hn.to(acc);  // fresh copies, updated in place step by step
-    Tensor dc = grad_cn.to(acc);
-    if (dh.data_ptr() == grad_hn.data_ptr()) dh = dh.clone();
-    if (dc.data_ptr() == grad_cn.data_ptr()) dc = dc.clone();
+    // Fresh copies (never the caller's tensors), updated in place step by step.
+    Tensor dh = at::empty({batch, out_dim}, grad_out.options().dtype(acc)).copy_(grad_hn);
+    Tensor dc = at::empty({batch, hidden}, grad_out.options().dtype(acc)).copy_(grad_cn);
     Tensor dgates = at::empty({batch, 4 * hidden}, grad_out.options().dtype(acc));
     Tensor dr = has_proj ? at::empty({batch, hidden}, grad_out.options().dtype(acc)) : Tensor();
     constexpr int kPointwiseThreads = 256;
