@@ -332,3 +332,30 @@ def test_torch_compile_fullgraph_matches_eager(cuda_ops, no_tf32, kernel, case):
         assert_close(got, want, 1e-6, 1e-5, f"compiled {name}")
     for name, want in eager_grads.items():
         assert_close(grads[name], want, 1e-6, 1e-5, f"compiled grad {name}")
+
+
+@pytest.mark.parametrize("case", [(3, 16, 0, None), (4, 12, 5, [3, 2, 2, 1])],
+                         ids=["dense", "packed-proj"])
+def test_opcheck(cuda_ops, kernel, case):
+    """Schema, fake kernels and autograd registration of the CUDA kernels, as torch checks them."""
+    from fastlstm import _extension  # noqa: F401  (registers fake kernels and autograd)
+
+    batch, hidden, proj, lengths = case
+    if kernel == "persistent" and proj:
+        pytest.skip("the persistent kernel does not implement proj_size")
+    tensors, batch_sizes = op_inputs(batch, hidden, proj, lengths, torch.float32)
+    args = on_device(tensors)
+    for name in ("xg", "h0", "c0", "w_hh", "w_hr"):
+        if args[name] is not None:
+            args[name].requires_grad_(True)
+    forward_args = (args["xg"], batch_sizes, args["h0"], args["c0"], args["w_hh"], args["w_hr"],
+                    False, True)
+    torch.library.opcheck(cuda_ops.recurrence_forward.default, forward_args)
+    with torch.no_grad():
+        out = cuda_ops.recurrence_forward(*forward_args)
+    backward_args = (torch.randn_like(out[0]), torch.randn_like(out[1]),
+                     torch.randn_like(out[2]), batch_sizes, args["c0"].detach(),
+                     args["w_hh"].detach(),
+                     None if args["w_hr"] is None else args["w_hr"].detach(), out[3], out[4],
+                     False)
+    torch.library.opcheck(cuda_ops.recurrence_backward.default, backward_args)
