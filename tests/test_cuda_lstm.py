@@ -148,6 +148,29 @@ def test_ops_match_specification(cuda_ops, kernel, case, reverse, dtype):
         assert_close(got, want, atol, atol, f"backward {name}")
 
 
+@pytest.mark.parametrize("kernel_name", ["auto", "persistent"])
+def test_shapes_beyond_the_persistent_kernel(cuda_ops, monkeypatch, kernel_name):
+    """Hidden 2100 in fp32 needs >= 4 x 16 x 2100 x 4 bytes of W_hh per block on any GPU with
+    <= 132 SMs, more than any block's shared memory; 2048 rows exceed what a block keeps in
+    registers. `auto` must fall back to the step kernel and stay exact; forcing `persistent`
+    must fail and say why."""
+    monkeypatch.setenv("FASTLSTM_CUDA_KERNEL", kernel_name)
+    for (batch, hidden), reason in (((2, 2100), "shared memory"), ((2048, 8), "registers")):
+        tensors, batch_sizes = op_inputs(batch, hidden, 0, None, torch.float32, steps=2)
+        args = on_device(tensors)
+        call = (args["xg"], batch_sizes, args["h0"], args["c0"], args["w_hh"], None, True, True)
+        if kernel_name == "persistent":
+            with pytest.raises(RuntimeError, match=reason):
+                cuda_ops.recurrence_forward(*call)
+            continue
+        out = cuda_ops.recurrence_forward(*call)
+        spec = as_float64(tensors)
+        expected = reference_recurrence_forward(spec["xg"], batch_sizes, spec["h0"], spec["c0"],
+                                                spec["w_hh"], None, True, True)
+        for name, got, want in zip(("out", "h_n", "c_n", "gates", "cells"), out, expected):
+            assert_close(got, want, 5e-5, 5e-5, f"hidden {hidden} batch {batch}: {name}")
+
+
 def test_forward_without_save_matches(cuda_ops, kernel):
     tensors, batch_sizes = op_inputs(3, 40, 0, None, torch.float32)
     args = on_device(tensors)
