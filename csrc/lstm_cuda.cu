@@ -122,7 +122,9 @@ constexpr int kKSplitMax = 8;          // most split-K partial planes (one per w
 // Shared-memory layout of a persistent block, computed identically on host and device.
 //   w: [n_pad][ldw] weights of the block, k contiguous (n = local output column)
 //   a: [m_pad][lda] staged left operand (h or dgates of all rows), k contiguous
-//   p: [kKSplitMax][m_pad][n_pad] fp32 split-K partial sums
+//   p: [ksplit][plane_rows(live)][n_pad] fp32 split-K partial sums; planes are packed for the
+//      live rows of the step, so the region only needs max over live of ksplit * rows * n_pad
+//      floats, bounded below (more planes only when there are fewer row tiles)
 // Tensor-core path: n padded to 8, k to 16, m to 16, rows padded by 8 halves (16 bytes) so the
 // eight fragment rows of a warp fall in distinct banks. FMA path: w rows of odd length (distinct
 // banks for consecutive n), m padded to 4 (each thread computes 4 rows).
@@ -150,8 +152,22 @@ __host__ __device__ __forceinline__ SmemLayout make_layout(int n, int k, int bat
   layout.a_offset = round_up_bytes(int64_t(layout.n_pad) * layout.ldw * kElementSize);
   layout.p_offset =
       layout.a_offset + round_up_bytes(int64_t(layout.m_pad) * layout.lda * kElementSize);
-  layout.total = layout.p_offset + int64_t(kKSplitMax) * layout.m_pad * layout.n_pad * 4;
+  // Partial-sum bound. Tensor cores: ksplit > 1 only when m_tiles * n_tiles < kWarps, and then
+  // ksplit * m_tiles * 16 <= kWarps * 16 = 128 rows. FMA: ksplit > 1 only when
+  // groups * n < kThreads, and then ksplit * 4 * groups * n <= 4 * kThreads = 1024 floats.
+  const int64_t full_planes = int64_t(layout.m_pad) * layout.n_pad;
+  const int64_t p_floats =
+      kTensorCores
+          ? (layout.m_pad > kWarps * 16 ? full_planes : int64_t(kWarps * 16) * layout.n_pad)
+          : (full_planes > 4 * kThreads ? full_planes : int64_t(4 * kThreads));
+  layout.total = layout.p_offset + p_floats * 4;
   return layout;
+}
+
+// Rows of one split-K plane for `rows` live rows (the product's padded row count).
+template <bool kTensorCores>
+__host__ __device__ __forceinline__ int plane_rows(int rows) {
+  return kTensorCores ? round_up(rows, 16) : round_up(rows, 4);
 }
 
 template <typename T>
@@ -235,7 +251,7 @@ __device__ __forceinline__ void block_gemm_tensor_cores(const SmemLayout& layout
       b[1] = *reinterpret_cast<const uint32_t*>(w_row + k0 + 8);
       mma_16816<T>(c, a, b);
     }
-    float* plane = p_s + int64_t(kp) * layout.m_pad * layout.n_pad;
+    float* plane = p_s + int64_t(kp) * plane_rows<true>(rows) * layout.n_pad;
     plane[(m0 + group) * layout.n_pad + n0 + pair] = c[0];
     plane[(m0 + group) * layout.n_pad + n0 + pair + 1] = c[1];
     plane[(m0 + group + 8) * layout.n_pad + n0 + pair] = c[2];
@@ -265,7 +281,7 @@ __device__ __forceinline__ void block_gemm_fma(const SmemLayout& layout, const f
       acc2 = fmaf(a0[2 * layout.lda + k], w, acc2);
       acc3 = fmaf(a0[3 * layout.lda + k], w, acc3);
     }
-    float* plane = p_s + int64_t(kp) * layout.m_pad * layout.n_pad;
+    float* plane = p_s + int64_t(kp) * plane_rows<false>(rows) * layout.n_pad;
     plane[(m0 + 0) * layout.n_pad + col] = acc0;
     plane[(m0 + 1) * layout.n_pad + col] = acc1;
     plane[(m0 + 2) * layout.n_pad + col] = acc2;
@@ -412,6 +428,7 @@ persistent_forward_kernel(const PersistentForwardArgs<T> args) {
     }
     __syncthreads();
     const int ksplit = split_k<kTensorCores>(layout, live, 4 * units);
+    const int plane = plane_rows<kTensorCores>(live);
     if (live > 0) {
       if constexpr (kTensorCores) {
         block_gemm_tensor_cores<T>(layout, a_s, w_s, p_s, live, ksplit);
@@ -434,7 +451,7 @@ persistent_forward_kernel(const PersistentForwardArgs<T> args) {
         for (int gate = 0; gate < 4; ++gate) {
           float sum = x[i][gate];
           for (int kp = 0; kp < ksplit; ++kp) {
-            sum += p_s[(kp * layout.m_pad + row) * layout.n_pad + gate * units + local];
+            sum += p_s[(kp * plane + row) * layout.n_pad + gate * units + local];
           }
           pre[gate] = sum;
         }
@@ -596,6 +613,7 @@ persistent_backward_kernel(const PersistentBackwardArgs<T> args) {
     }
     __syncthreads();
     const int ksplit = split_k<kTensorCores>(layout, live, units);
+    const int plane = plane_rows<kTensorCores>(live);
     if (live > 0) {
       if constexpr (kTensorCores) {
         block_gemm_tensor_cores<T>(layout, a_s, w_s, p_s, live, ksplit);
@@ -612,7 +630,7 @@ persistent_backward_kernel(const PersistentBackwardArgs<T> args) {
       const int local = item_unit[i] - unit0;
       float sum = 0.f;
       for (int kp = 0; kp < ksplit; ++kp) {
-        sum += p_s[(kp * layout.m_pad + row) * layout.n_pad + local];
+        sum += p_s[(kp * plane + row) * layout.n_pad + local];
       }
       dh[i] = sum;
     }
