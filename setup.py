@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -26,7 +27,35 @@ def _sources():
     return [os.path.join("csrc", name) for name in names]
 
 
+def _toolkit_root_of_nvcc():
+    """The CUDA toolkit that the nvcc on PATH belongs to, even when that nvcc is a wrapper script.
+
+    torch.utils.cpp_extension guesses CUDA_HOME as the parent of nvcc's directory, which is wrong
+    for a wrapper such as /usr/local/bin/nvcc (it then links against a missing -lcudart); nvcc's
+    own dry run names its real root.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        result = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            root = os.path.realpath(line.split("=", 1)[1].strip())
+            if os.path.exists(os.path.join(root, "bin", "nvcc")):
+                return root
+    return None
+
+
 def _extensions():
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and \
+            os.environ.get("FASTLSTM_BUILD_CUDA", "auto") != "0":
+        root = _toolkit_root_of_nvcc()
+        if root is not None:  # must be set before torch.utils.cpp_extension is imported
+            os.environ["CUDA_HOME"] = root
     try:
         import torch
         from torch.utils import cpp_extension
