@@ -177,6 +177,9 @@ def reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w
 def _setup_context(ctx, inputs, output):
     xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save = inputs
     out, _h_n, _c_n, gates, cells = output
+    # gates and cells never receive gradients: without this, autograd would fill [N, 4H] and
+    # [N, H] zero tensors for them on every backward (the backward below handles None).
+    ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.has_proj = w_hr is not None
     ctx.saved = save
