@@ -42,6 +42,10 @@ def _triton_importable():
         import triton  # noqa: F401
     except ImportError as error:
         return False, f"triton is not installed ({error})"
+    try:
+        importlib.import_module("fastlstm.triton_lstm")
+    except ImportError as error:
+        return False, f"fastlstm's Triton kernels could not be imported ({error})"
     return True, ""
 
 
