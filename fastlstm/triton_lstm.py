@@ -582,6 +582,13 @@ def _step_tiles(batch: int, n: int, k: int):
     return block_b, min(32, _padded(n)), min(32, _padded(k))
 
 
+def _sequence_block_b(batch: int) -> int:
+    """Batch rows per program of a sequence-fused launch (>= 16 for tl.dot)."""
+    # Small tiles give more programs, which the GPU runs in parallel; the interpreter runs them
+    # one after another, so there one tile covers more rows.
+    return min(_padded(batch), 64 if _interpreted() else 32)
+
+
 _SUPPORTED_CUDA = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SUPPORTED_CPU = (torch.float32, torch.float64)
 
@@ -700,7 +707,7 @@ def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
 
     if select_design(hidden, proj if w_hr is not None else 0, batch) == "sequence":
         offsets, lives = _step_tables(layout, device) if packed else (gates_arg, gates_arg)
-        block_b = min(_padded(batch), 32 if not _interpreted() else 64)
+        block_b = _sequence_block_b(batch)
         grid = (triton.cdiv(batch, block_b),)
         _lstm_fwd_sequence_kernel[grid](
             xg, w_hh, w_hr if w_hr is not None else w_hh, h0, c0, out, h_n, c_n, gates_arg,
@@ -776,7 +783,7 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
         grad_h0 = torch.empty_like(grad_hn)
         grad_c0 = torch.empty_like(grad_cn)
         offsets, lives = _step_tables(layout, device) if packed else (gates, gates)
-        block_b = min(_padded(batch), 32 if not _interpreted() else 64)
+        block_b = _sequence_block_b(batch)
         grid = (triton.cdiv(batch, block_b),)
         _lstm_bwd_sequence_kernel[grid](
             grad_out, grad_hn, grad_cn, c0, w_hh, w_hr if has_proj else w_hh, gates, cells,
