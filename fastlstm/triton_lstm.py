@@ -25,7 +25,6 @@ here. Two kernel designs (DESIGN.md, "GPU kernel designs"):
 Supported dtypes: float32, float16, bfloat16 on CUDA (fp32 accumulation, fp32 cell state) and
 float64 (fp64 accumulation); float32 and float64 on the CPU under the interpreter.
 """
-from __future__ import annotations
 
 import os
 from typing import Optional, Tuple
@@ -761,6 +760,7 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
     if w_hr is None and proj != hidden:
         raise ValueError(f"fastlstm_triton: without w_hr, grad_out must have hidden_size="
                          f"{hidden} columns; got {proj}")
+    grad_out = _check_tensor("grad_out", grad_out, (num_rows, proj), dtype, device)
     grad_hn, c0, w_hh, w_hr = _check_state_and_weights(dtype, device, batch, hidden, proj,
                                                        grad_hn, c0, w_hh, w_hr, "grad_hn")
     grad_cn = _check_tensor("grad_cn", grad_cn, (batch, hidden), dtype, device)

@@ -153,7 +153,7 @@ def test_empty_sequence(design):
 
 
 def test_non_contiguous_inputs(design):
-    (xg, batch_sizes, h0, c0, w_hh, w_hr), _ = make_case(3, 5, 4, 3, False)
+    (xg, batch_sizes, h0, c0, w_hh, w_hr), grads = make_case(3, 5, 4, 3, False)
     want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, True,
                                                     True)
     strided = [t.t().contiguous().t() for t in (xg, h0, c0, w_hh, w_hr)]
@@ -161,6 +161,14 @@ def test_non_contiguous_inputs(design):
     got = triton_lstm.recurrence_forward(strided[0], batch_sizes, *strided[1:], True, True)
     for name, g, w in zip(FORWARD_NAMES, got, want):
         assert_close(name, g, w, ATOL_OUT)
+    grads = [t.t().contiguous().t() for t in grads]
+    gates, cells = [t.t().contiguous().t() for t in want[3:]]
+    got = triton_lstm.recurrence_backward(*grads, batch_sizes, strided[2], strided[3], strided[4],
+                                          gates, cells, True)
+    want = _recurrence.reference_recurrence_backward(*grads, batch_sizes, c0, w_hh, w_hr,
+                                                     want[3], want[4], True)
+    for name, g, w in zip(BACKWARD_NAMES, got, want):
+        assert_close(name, g, w, ATOL_GRAD)
 
 
 def test_select_design(monkeypatch):
@@ -361,16 +369,22 @@ class _Holder(nn.Module):
         return self.head(output).sum() + h_n.sum() + c_n.sum()
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compile_backend", [
+    "aot_eager",
+    # Inductor adds C++ codegen for the graph around the opaque ops (~25 s here), hence slow.
+    pytest.param("inductor", marks=pytest.mark.slow),
+])
+def test_torch_compile_fullgraph(compile_backend):
     """fullgraph compile traces through fastlstm.LSTM: the Triton ops are opaque custom ops with
     fake kernels, and their autograd formula is traced into the backward graph."""
     model = _Holder().to(DEVICE)
     x = torch.randn(3, 2, 3, device=DEVICE)
     eager = model(x)
     eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    torch._dynamo.reset()
     # Dynamo refuses any nn.LSTM subclass unless allow_rnn is set.
     with torch._dynamo.config.patch(allow_rnn=True):
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
         loss = compiled(x)
         grads = torch.autograd.grad(loss, list(model.parameters()))
     torch._dynamo.reset()
