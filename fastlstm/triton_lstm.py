@@ -17,9 +17,9 @@ here. Two kernel designs (DESIGN.md, "GPU kernel designs"):
   h_prev @ W_hh^T for all four gates of its hidden units with tl.dot (fp32 accumulation) and
   fuses the pointwise cell update. Any hidden size.
 * sequence-fused: one launch for all steps. Each program owns a batch tile and the whole hidden
-  state (H and P up to SEQUENCE_MAX_SIZE after padding to powers of two), loops over time inside
-  the kernel and reads W_hh every step (it stays in L2). Programs never wait on each other, so it
-  also runs under TRITON_INTERPRET=1.
+  state (H and P up to SEQUENCE_MAX_SIZE = 64 after padding to powers of two), loops over time
+  inside the kernel and reads W_hh every step (from shared memory or L2). Programs never wait on
+  each other, so it also runs under TRITON_INTERPRET=1.
 
 `select_design` picks between them by shape; `DESIGN` forces one (tests use it to cover both).
 Supported dtypes: float32, float16, bfloat16 on CUDA (fp32 accumulation, fp32 cell state) and
@@ -35,12 +35,23 @@ import triton.language as tl
 
 from . import _recurrence
 
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # older Triton 3.x releases keep it in the autotuner module
+    from triton.runtime.autotuner import OutOfResources
+
 # "auto" lets select_design choose; "step" or "sequence" forces a design (used by tests).
 DESIGN = "auto"
 
 # The sequence-fused kernel keeps [batch tile, H] and [batch tile, P] state in registers and
-# loads [P, H]-sized weight tiles each step; beyond 128 (padded) the tiles spill on the GPU.
-SEQUENCE_MAX_SIZE = 128
+# holds the four [P, H] gate tiles of W_hh on chip across steps. Compiled for sm_90 (ptxas
+# report, BLOCK_B=16, 8 warps): H = P = 32 needs 112-178 registers and no spills; H = P = 64
+# spills (up to 6.7 KB of stack per thread in the fp32 forward) but fits in shared memory
+# (135 KB); H = P = 128 needs 540 KB of shared memory and cannot launch. Hence 64.
+SEQUENCE_MAX_SIZE = 64
+# Warps per sequence-fused program: 8 halves the registers per thread against 4 (the 32-wide
+# kernels spill with 4 warps and not with 8, in the same ptxas report).
+SEQUENCE_NUM_WARPS = 8
 
 # tl.dot needs every tile dimension >= 16 on the GPU, so tiles are padded (and masked) up to it.
 MIN_TILE = 16
@@ -551,10 +562,11 @@ def select_design(hidden_size: int, proj_size: int, batch: int) -> str:
     Sequence-fused runs the whole sequence in one launch, so it saves the per-step launch
     latency (3-5 us a launch on the GPU, two launches per step with projection) that dominates
     the step-fused design at small H; but each program holds the whole hidden state and reads all
-    of W_hh every step, which only fits in registers for small H and P. Hence: sequence-fused up
-    to SEQUENCE_MAX_SIZE (padded), step-fused beyond. The threshold is where the register tiles
-    of the sequence kernel ([P, H] weight tiles per gate) reach 128 x 128; it has not yet been
-    tuned by measurement on a GPU.
+    of W_hh every step, which only fits on chip for small H and P. Hence: sequence-fused up
+    to SEQUENCE_MAX_SIZE (padded), step-fused beyond. The threshold comes from the compiled
+    kernels' resource use (see SEQUENCE_MAX_SIZE), not yet from timings on a GPU. Should a
+    sequence-fused kernel still not fit a GPU (float64 doubles its shared memory), the launch
+    fails before it runs and the step-fused kernels take over (see _run_sequence).
     """
     del batch  # both designs tile the batch; it does not change the choice yet
     if DESIGN not in ("auto", "step", "sequence"):
@@ -578,14 +590,33 @@ def _step_tiles(batch: int, n: int, k: int):
     if _interpreted():
         # The interpreter runs programs one after another: fewer, larger tiles are faster.
         return block_b, min(64, _padded(n)), min(64, _padded(k))
-    return block_b, min(32, _padded(n)), min(32, _padded(k))
+    # 64-row batch tiles spill on sm_90 (255 registers and a stack); 32 x 32 x 32 does not.
+    return min(32, block_b), min(32, _padded(n)), min(32, _padded(k))
 
 
 def _sequence_block_b(batch: int) -> int:
     """Batch rows per program of a sequence-fused launch (>= 16 for tl.dot)."""
-    # Small tiles give more programs, which the GPU runs in parallel; the interpreter runs them
-    # one after another, so there one tile covers more rows.
-    return min(_padded(batch), 64 if _interpreted() else 32)
+    # Small tiles give more programs, which the GPU runs in parallel, and fewer registers per
+    # program (32-row tiles spill at H = 16 on sm_90); the interpreter runs programs one after
+    # another, so there one tile covers more rows.
+    return min(_padded(batch), 64 if _interpreted() else MIN_TILE)
+
+
+# Shapes whose sequence-fused kernel did not fit the GPU: (device, dtype, HP, PP, has_proj).
+_SEQUENCE_DOES_NOT_FIT = set()
+
+
+def _run_sequence(kernel, grid, key, *args, **meta):
+    """Launch a sequence-fused kernel; False if it does not fit the GPU (nothing ran then)."""
+    if key in _SEQUENCE_DOES_NOT_FIT:
+        return False
+    num_warps = 4 if _interpreted() else SEQUENCE_NUM_WARPS
+    try:
+        kernel[grid](*args, **meta, num_warps=num_warps)
+    except OutOfResources:  # raised at load time, before the kernel runs
+        _SEQUENCE_DOES_NOT_FIT.add(key)
+        return False
+    return True
 
 
 _SUPPORTED_CUDA = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -637,7 +668,8 @@ def _layout(batch_sizes: torch.Tensor, num_rows: int, batch: int):
             raise ValueError(f"fastlstm_triton: dense input (empty batch_sizes) needs a row count "
                              f"divisible by the batch {batch}; got {num_rows} rows")
         return _recurrence.step_layout(None, num_rows, batch)
-    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
+    if (batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64
+            or batch_sizes.device.type != "cpu"):
         raise ValueError(f"fastlstm_triton: batch_sizes must be a 1-D int64 CPU tensor, got "
                          f"{batch_sizes.dim()}-D {batch_sizes.dtype} on {batch_sizes.device}")
     sizes = batch_sizes.tolist()
@@ -707,14 +739,16 @@ def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
     if select_design(hidden, proj if w_hr is not None else 0, batch) == "sequence":
         offsets, lives = _step_tables(layout, device) if packed else (gates_arg, gates_arg)
         block_b = _sequence_block_b(batch)
-        grid = (triton.cdiv(batch, block_b),)
-        _lstm_fwd_sequence_kernel[grid](
-            xg, w_hh, w_hr if w_hr is not None else w_hh, h0, c0, out, h_n, c_n, gates_arg,
-            cells_arg, offsets, lives,
-            len(layout), batch, hidden, proj,
-            BLOCK_B=block_b, HP=_padded(hidden), PP=_padded(proj),
-            PACKED=packed, REVERSE=bool(reverse), HAS_PROJ=w_hr is not None, SAVE=bool(save))
-        return out, h_n, c_n, gates, cells
+        key = ("forward", device, dtype, _padded(hidden), _padded(proj), w_hr is not None)
+        if _run_sequence(
+                _lstm_fwd_sequence_kernel, (triton.cdiv(batch, block_b),), key,
+                xg, w_hh, w_hr if w_hr is not None else w_hh, h0, c0, out, h_n, c_n, gates_arg,
+                cells_arg, offsets, lives,
+                len(layout), batch, hidden, proj,
+                BLOCK_B=block_b, HP=_padded(hidden), PP=_padded(proj),
+                PACKED=packed, REVERSE=bool(reverse), HAS_PROJ=w_hr is not None,
+                SAVE=bool(save)):
+            return out, h_n, c_n, gates, cells
 
     c_state = c0.to(acc, copy=True)
     r_state = torch.empty(batch, hidden, dtype=acc, device=device) if w_hr is not None else c_state
@@ -784,14 +818,15 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
         grad_c0 = torch.empty_like(grad_cn)
         offsets, lives = _step_tables(layout, device) if packed else (gates, gates)
         block_b = _sequence_block_b(batch)
-        grid = (triton.cdiv(batch, block_b),)
-        _lstm_bwd_sequence_kernel[grid](
-            grad_out, grad_hn, grad_cn, c0, w_hh, w_hr if has_proj else w_hh, gates, cells,
-            grad_xg, grad_h0, grad_c0, grad_h_total_arg, offsets, lives,
-            len(layout), batch, hidden, proj,
-            BLOCK_B=block_b, HP=_padded(hidden), PP=_padded(proj),
-            PACKED=packed, REVERSE=bool(reverse), HAS_PROJ=has_proj)
-        return grad_xg, grad_h0, grad_c0, grad_h_total
+        key = ("backward", device, dtype, _padded(hidden), _padded(proj), has_proj)
+        if _run_sequence(
+                _lstm_bwd_sequence_kernel, (triton.cdiv(batch, block_b),), key,
+                grad_out, grad_hn, grad_cn, c0, w_hh, w_hr if has_proj else w_hh, gates, cells,
+                grad_xg, grad_h0, grad_c0, grad_h_total_arg, offsets, lives,
+                len(layout), batch, hidden, proj,
+                BLOCK_B=block_b, HP=_padded(hidden), PP=_padded(proj),
+                PACKED=packed, REVERSE=bool(reverse), HAS_PROJ=has_proj):
+            return grad_xg, grad_h0, grad_c0, grad_h_total
 
     dh_state = grad_hn.to(acc, copy=True)
     dc_state = grad_cn.to(acc, copy=True)

@@ -172,18 +172,44 @@ def test_non_contiguous_inputs(design):
 
 
 def test_select_design(monkeypatch):
-    assert triton_lstm.select_design(128, 0, 4) == "sequence"
+    limit = triton_lstm.SEQUENCE_MAX_SIZE
+    assert triton_lstm.select_design(limit, 0, 4) == "sequence"
     assert triton_lstm.select_design(5, 3, 4) == "sequence"
-    assert triton_lstm.select_design(129, 0, 4) == "step"
-    assert triton_lstm.select_design(64, 200, 4) == "step"
+    assert triton_lstm.select_design(limit + 1, 0, 4) == "step"
+    assert triton_lstm.select_design(16, limit + 1, 4) == "step"
     monkeypatch.setattr(triton_lstm, "DESIGN", "step")
     assert triton_lstm.select_design(5, 0, 4) == "step"
     monkeypatch.setattr(triton_lstm, "DESIGN", "sequence")
-    with pytest.raises(ValueError, match="hidden_size and proj_size up to 128"):
-        triton_lstm.select_design(200, 0, 4)
+    with pytest.raises(ValueError, match=f"hidden_size and proj_size up to {limit}"):
+        triton_lstm.select_design(limit + 1, 0, 4)
     monkeypatch.setattr(triton_lstm, "DESIGN", "fast")
     with pytest.raises(ValueError, match="DESIGN must be"):
         triton_lstm.select_design(5, 0, 4)
+
+
+class _DoesNotFit:
+    """Stands in for a sequence-fused kernel whose launch finds too little shared memory."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches += 1
+            raise triton_lstm.OutOfResources(300000, 232448, "shared memory")
+        return launch
+
+
+@pytest.mark.parametrize("proj", [5, 3])
+def test_sequence_falls_back_to_step_when_it_does_not_fit(monkeypatch, proj):
+    monkeypatch.setattr(triton_lstm, "DESIGN", "sequence")
+    monkeypatch.setattr(triton_lstm, "_SEQUENCE_DOES_NOT_FIT", set())
+    forward_kernel, backward_kernel = _DoesNotFit(), _DoesNotFit()
+    monkeypatch.setattr(triton_lstm, "_lstm_fwd_sequence_kernel", forward_kernel)
+    monkeypatch.setattr(triton_lstm, "_lstm_bwd_sequence_kernel", backward_kernel)
+    for _ in range(2):  # the second call remembers the shape and does not try again
+        check_ops(3, 5, proj, 3, True, True, torch.float32, ATOL_OUT, ATOL_GRAD)
+    assert forward_kernel.launches == 1 and backward_kernel.launches == 1
 
 
 def test_bad_inputs(monkeypatch):
@@ -242,8 +268,12 @@ def test_opcheck():
     (xg, batch_sizes, h0, c0, w_hh, w_hr), (grad_out, grad_hn, grad_cn) = make_case(2, 5, 3, 3,
                                                                                    True)
     inputs = [t.requires_grad_() for t in (xg, h0, c0, w_hh, w_hr)]
+    # test_aot_dispatch_dynamic is left to test_torch_compile_fullgraph, which also runs
+    # AOTAutograd over the op (and is several times cheaper under the interpreter).
     torch.library.opcheck(triton_lstm.recurrence_forward,
-                          (inputs[0], batch_sizes, *inputs[1:], True, True))
+                          (inputs[0], batch_sizes, *inputs[1:], True, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
     _, _, _, gates, cells = _recurrence.reference_recurrence_forward(
         xg.detach(), batch_sizes, h0.detach(), c0.detach(), w_hh.detach(), w_hr.detach(), True,
         True)
@@ -408,7 +438,7 @@ def _errors(module, dtype, x, hx, reference_out):
 @pytest.mark.parametrize("proj_size", [0, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_against_cudnn(design, dtype, proj_size):
-    hidden = 96 if design == "sequence" else 160
+    hidden = 48 if design == "sequence" else 160
     kwargs = dict(input_size=32, hidden_size=hidden, num_layers=2, proj_size=proj_size)
     reference = nn.LSTM(**kwargs).to(device=DEVICE, dtype=torch.float64)
     cudnn = nn.LSTM(**kwargs).to(device=DEVICE, dtype=dtype)
