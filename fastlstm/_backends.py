@@ -99,6 +99,15 @@ def check_backend_name(backend: str) -> None:
             f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
 
 
+def _resolve_for_trace(backend, device, dtype):
+    return resolve(backend, device, dtype)
+
+
+# Availability is fixed for the life of a process: under torch.compile the choice is made once, at
+# trace time, and becomes a constant of the graph (no import machinery is traced).
+resolve_constant = torch.compiler.assume_constant_result(_resolve_for_trace)
+
+
 def resolve(backend: str, device, dtype=None) -> str:
     """The backend that runs a call on `device`: `backend` itself, or the first available for auto."""
     device = torch.device(device)
