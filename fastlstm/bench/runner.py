@@ -1,0 +1,193 @@
+"""Runs the suites: builds each workload, times it interleaved with its baselines, and turns the
+figures into records of the one schema (see records.py)."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import uuid
+
+import torch
+
+from . import records, shapes, timing, workloads
+
+
+@dataclasses.dataclass
+class Options:
+    device: str = "cpu"
+    dtype: str = "float32"
+    baseline_dtype: str | None = None
+    suites: tuple = shapes.SUITES
+    backends: tuple | None = None  # None: the fused backends of the device
+    shapes: dict | None = None  # {suite: shapes}; suites not named use their defaults
+    rounds: int | None = None
+    warmup: int | None = None
+    quick: bool = False
+    decode_tokens: int | None = None
+    cuda_graphs: bool = True
+    command: str = "fastlstm bench"
+    progress: object = sys.stderr  # a file for progress lines, or None
+
+
+def default_backends(device_type: str) -> tuple:
+    """What `fastlstm bench` measures unless told: the fused backends of the device."""
+    return ("cuda", "triton") if device_type == "cuda" else ("cpu",)
+
+
+def all_backends(device_type: str) -> tuple:
+    # triton on the CPU runs only under its interpreter, far too slow to time meaningfully
+    return ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
+
+
+class Runner:
+    def __init__(self, options: Options, writer: records.ResultWriter | None = None):
+        self.options = options
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA GPU here")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda (optionally cuda:N); got "
+                             f"{options.device!r}")
+        self.dtype = workloads.dtype_from_name(options.dtype)
+        self.baseline_dtype = workloads.dtype_from_name(options.baseline_dtype or options.dtype)
+        self.backends = tuple(options.backends or default_backends(self.device.type))
+        self.rounds = options.rounds or (3 if options.quick else
+                                         10 if self.device.type == "cuda" else 5)
+        self.warmup = options.warmup if options.warmup is not None else (
+            3 if self.device.type == "cuda" else 1)
+        self.min_sample_s = 0.005 if options.quick else 0.02
+        self.decode_tokens = options.decode_tokens or (8 if options.quick else
+                                                       128 if self.device.type == "cuda" else 64)
+        self.writer = writer or records.ResultWriter(None)
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.started = time.perf_counter()
+        self._peak = {}
+        self._bandwidth = None
+
+    # --- floors, measured once per run and only when a suite needs them ----------------------
+    def peak(self, dtype) -> dict:
+        if dtype not in self._peak:
+            self.say(f"measuring the matmul rate in {workloads.dtype_name(dtype)} for the "
+                     f"training floor")
+            size = 256 if self.options.quick else None
+            self._peak[dtype] = timing.measure_matmul_peak(self.device, dtype, size=size)
+        return self._peak[dtype]
+
+    def bandwidth(self) -> dict:
+        if self._bandwidth is None:
+            self.say("measuring the memory read bandwidth for the decode and sampling floors")
+            nbytes = (1 << 24) if self.options.quick else None
+            self._bandwidth = timing.measure_read_bandwidth(self.device, nbytes)
+        return self._bandwidth
+
+    def say(self, text: str) -> None:
+        if self.options.progress is not None:
+            elapsed = time.perf_counter() - self.started
+            print(f"[bench {elapsed:6.1f}s] {text}", file=self.options.progress, flush=True)
+
+    # --- records ---------------------------------------------------------------------------
+    def _record(self, suite, shape, backend, baseline, **fields) -> dict:
+        record = {
+            "schema": records.SCHEMA, "run_id": self.run_id, "time": records.now(),
+            "command": self.options.command, "suite": suite,
+            "shape": dataclasses.asdict(shape), "shape_label": shape.label,
+            "device": self.device.type, "dtype": workloads.dtype_name(self.dtype),
+            "baseline_dtype": workloads.dtype_name(self.baseline_dtype), "backend": backend,
+            "backend_ran": None, "baseline": baseline, "status": "ok", "reason": None,
+            "unit": "s/token" if suite == "decode" else "s",
+            "fastlstm_times": None, "baseline_times": None, "ratios": None,
+            "fastlstm_median": None, "baseline_median": None, "ratio_median": None,
+            "rounds": self.rounds, "inner": None, "timer": None, "work": {},
+            "floor_s": None, "floor_basis": None, "peak_flops_per_s": None,
+            "read_bytes_per_s": None, "cuda_graph": None,
+            "machine": records.machine(self.device.type), "software": records.software(),
+            "git_commit": records.git_commit(),
+        }
+        record.update(fields)
+        self.writer.write(record)
+        return record
+
+    def _floor(self, suite, work) -> dict:
+        if suite in ("train", "forward"):
+            peak = self.peak(self.dtype)
+            return {"floor_s": work["flops"] / peak["flops_per_s"],
+                    "floor_basis": f"{work['flops']:.3g} FLOP / {peak['flops_per_s']:.3g} FLOP/s "
+                                   f"({peak['method']})",
+                    "peak_flops_per_s": peak["flops_per_s"]}
+        bandwidth = self.bandwidth()
+        nbytes = work["bytes"] if suite == "sample" else work["bytes_per_token"]
+        what = "logits" if suite == "sample" else "weights per token"
+        return {"floor_s": nbytes / bandwidth["bytes_per_s"],
+                "floor_basis": f"{nbytes:.3g} B of {what} / {bandwidth['bytes_per_s']:.3g} B/s "
+                               f"({bandwidth['method']})",
+                "read_bytes_per_s": bandwidth["bytes_per_s"]}
+
+    def measure(self, suite: str, shape, backend: str) -> list[dict]:
+        """One shape on one backend: a record per baseline (or one skipped/error record)."""
+        build = workloads.BUILDERS[suite]
+        kwargs = {"baseline_dtype": self.baseline_dtype}
+        if suite == "decode":
+            kwargs["new_tokens"] = self.decode_tokens
+        try:
+            workload = build(shape, self.device, self.dtype, backend, **kwargs)
+        except workloads.Unavailable as reason:
+            return [self._record(suite, shape, backend, "-", status="skipped", reason=str(reason))]
+        except Exception as error:  # noqa: BLE001 - record it and go on with the next shape
+            return [self._record(suite, shape, backend, "-", status="error",
+                                 reason=f"building the workload failed: "
+                                        f"{type(error).__name__}: {error}")]
+        candidates = {"fastlstm": workload.fastlstm, **workload.baselines}
+        use_graphs = (self.options.cuda_graphs and workload.graph_safe
+                      and self.device.type == "cuda")
+        try:
+            result = timing.interleaved(candidates, self.device, rounds=self.rounds,
+                                        warmup=self.warmup, min_sample_s=self.min_sample_s,
+                                        use_graphs=use_graphs)
+        except Exception as error:  # noqa: BLE001 - e.g. a kernel that fails at this shape
+            return [self._record(suite, shape, backend, name, status="error",
+                                 backend_ran=workload.backend_ran,
+                                 reason=f"timing failed: {type(error).__name__}: {error}")
+                    for name in workload.baselines]
+        per_unit = workload.calls_per_unit
+        fast_times = [t / per_unit for t in result["times"]["fastlstm"]]
+        floor = self._floor(suite, workload.work)
+        made = []
+        for name in workload.baselines:
+            base_times = [t / per_unit for t in result["times"][name]]
+            pair_ratios = timing.ratios(base_times, fast_times)
+            made.append(self._record(
+                suite, shape, backend, name, backend_ran=workload.backend_ran,
+                fastlstm_times=fast_times, baseline_times=base_times, ratios=pair_ratios,
+                fastlstm_median=timing.median(fast_times),
+                baseline_median=timing.median(base_times),
+                ratio_median=timing.median(pair_ratios),
+                inner={"fastlstm": result["inner"]["fastlstm"], "baseline": result["inner"][name]},
+                timer={"fastlstm": result["timer"]["fastlstm"], "baseline": result["timer"][name]},
+                cuda_graph={"fastlstm": result["timer"]["fastlstm"] == "cuda_graph",
+                            "baseline": result["timer"][name] == "cuda_graph"},
+                work=dict(workload.work), **floor))
+        return made
+
+    def run_suite(self, suite: str) -> list[dict]:
+        chosen = (self.options.shapes or {}).get(suite) or shapes.default_shapes(
+            suite, self.device.type, self.options.quick)
+        jobs = [(shape, backend) for shape in chosen for backend in self.backends]
+        made = []
+        for index, (shape, backend) in enumerate(jobs, 1):
+            self.say(f"{suite} {index}/{len(jobs)}: {shape.label}, backend {backend}")
+            for record in self.measure(suite, shape, backend):
+                made.append(record)
+                if record["status"] == "ok":
+                    self.say(f"  {record['ratio_median']:.2f}x against {record['baseline']}")
+                else:
+                    self.say(f"  {record['status']}: {record['reason']}")
+        return made
+
+    def run(self, on_suite=None) -> list[dict]:
+        made = []
+        for suite in self.options.suites:
+            suite_records = self.run_suite(suite)
+            made.extend(suite_records)
+            if on_suite is not None:
+                on_suite(suite, suite_records)
+        return made
