@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     results.add_argument("--from", dest="sources", nargs="+", default=None, metavar="RESULTS",
                          help="JSON-lines files or folders of them to read instead of running")
     results.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    results.add_argument("--brief", action="store_true",
+                         help="print one short line per comparison instead of the full tables")
     results.add_argument("--plot", metavar="DIR", default=None, help="draw PNG plots into DIR")
     results.add_argument("--update-doc", metavar="FILE", default=None,
                          help="rewrite the bench-table blocks of FILE (e.g. BENCHMARKS.md)")
@@ -161,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             if not made:
                 print(f"fastlstm bench: no records in {' '.join(args.sources)}", file=sys.stderr)
                 return 1
-            if not (args.markdown or args.plot or args.update_doc):
+            if args.brief:
+                print(report.brief_table(records.latest(made)))
+            elif not (args.markdown or args.plot or args.update_doc):
                 print(report.text_tables(records.latest(made)))
             _outputs(args, made)
             return 0

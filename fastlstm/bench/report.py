@@ -8,7 +8,9 @@ import shlex
 from . import records as records_module
 
 UNITS = {"train": "per batch, forward + backward", "forward": "per batch, inference forward",
-         "decode": "per generated token, batch 1", "sample": "per call"}
+         "decode": "per generated token, batch 1", "sample": "per call",
+         "fastrnns_fwd": "fastrnns conventions, forward", "fastrnns_bwd":
+         "fastrnns conventions, backward"}
 
 
 def format_time(seconds: float | None, per_token: bool = False) -> str:
@@ -33,7 +35,7 @@ def _time_cell(record, which: str) -> str:
     seconds = record[f"{which}_median"]
     text = format_time(seconds, record["unit"] == "s/token")
     tokens = record["work"].get("tokens")
-    if seconds and tokens and record["suite"] in ("train", "forward"):
+    if seconds and tokens and record["suite"] not in ("decode", "sample"):
         text += f" ({format_rate(tokens / seconds)} tok/s)"
     return text
 
@@ -90,7 +92,7 @@ def _groups(records):
 def _title(key) -> str:
     suite, device, dtype, baseline_dtype, where = key
     dtypes = dtype if dtype == baseline_dtype else f"{dtype} (baseline {baseline_dtype})"
-    return f"{suite} ({UNITS[suite]}) - {device} {dtypes} - {where}"
+    return f"{suite} ({UNITS.get(suite, suite)}) - {device} {dtypes} - {where}"
 
 
 def text_tables(records: list[dict]) -> str:
@@ -105,6 +107,26 @@ def text_tables(records: list[dict]) -> str:
                 out.append("  ".join("-" * width for width in widths))
         out.append("")
     return "\n".join(out)
+
+
+def brief_table(records: list[dict]) -> str:
+    """One short line per comparison: what a terminal with little room should show last."""
+    lines = [f"{'suite':<12} {'shape':<30} {'dtype':<9} {'backend':<8} {'fastlstm':>14} "
+             f"{'baseline':>14} {'speedup':>8}  baseline"]
+    for record in records:
+        per_token = record["unit"] == "s/token"
+        if record["status"] == "ok":
+            cells = (format_time(record["fastlstm_median"], per_token),
+                     format_time(record["baseline_median"], per_token),
+                     f"{record['ratio_median']:.2f}x")
+        else:
+            cells = (record["status"], "-", "-")
+        dtype = record["dtype"] if record["dtype"] == record["baseline_dtype"] else \
+            f"{record['dtype']}/{record['baseline_dtype']}"
+        lines.append(f"{record['suite']:<12} {record['shape_label']:<30} {dtype:<9} "
+                     f"{(record['backend_ran'] or record['backend']):<8} {cells[0]:>14} "
+                     f"{cells[1]:>14} {cells[2]:>8}  {record['baseline']}")
+    return "\n".join(lines)
 
 
 def markdown_table(records: list[dict]) -> str:
