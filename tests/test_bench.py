@@ -96,7 +96,7 @@ def test_interleaved_rotates_the_order_each_round(monkeypatch):
     monkeypatch.setattr(timing, "time_calls", fake_time_calls)
     result = timing.interleaved({"fastlstm": lambda: "fastlstm", "baseline": lambda: "baseline"},
                                 "cpu", rounds=4, warmup=0)
-    timed = order[2:]  # the first two are the calibration calls, one per candidate
+    timed = order[2:]  # the first two are the timed warm-up calls, one per candidate
     assert timed == ["fastlstm", "baseline", "baseline", "fastlstm"] * 2
     assert result["times"] == {"fastlstm": [1.0] * 4, "baseline": [3.0] * 4}
     assert timing.ratios(result["times"]["baseline"], result["times"]["fastlstm"]) == [3.0] * 4
@@ -388,3 +388,29 @@ def test_runner_rejects_a_missing_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         runner.Runner(runner.Options(device="cuda", progress=None))
+
+
+def test_update_doc_with_plots_links_the_pngs(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _fake_records()))
+    doc = tmp_path / "B.md"
+    doc.write_text("# B\n<!-- bench-plots -->\nold\n<!-- /bench-plots -->\n")
+    code, _, _ = run_cli(["--from", str(results), "--plot", str(tmp_path / "plots"),
+                          "--update-doc", str(doc)], capsys)
+    assert code == 0
+    text = doc.read_text()
+    assert "old" not in text
+    assert "![Decode latency per token](plots/decode_latency.png)" in text
+    assert text.count("![") == 4
+
+
+def test_budget_cuts_rounds_but_not_below_the_minimum(monkeypatch):
+    monkeypatch.setattr(timing, "time_calls", lambda fn, device, inner: 1.0)
+    candidates = {"fastlstm": lambda: None, "baseline": lambda: None}
+    # a round costs 2 s (two candidates, 1 s each, one call a sample)
+    result = timing.interleaved(candidates, "cpu", rounds=10, warmup=0, max_seconds=9.0)
+    assert result["rounds"] == 4 and len(result["times"]["fastlstm"]) == 4
+    result = timing.interleaved(candidates, "cpu", rounds=10, warmup=0, max_seconds=0.5)
+    assert result["rounds"] == 3
+    result = timing.interleaved(candidates, "cpu", rounds=5, warmup=0, max_seconds=100.0)
+    assert result["rounds"] == 5

@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="warm-up calls per candidate before timing (default 1 CPU, 3 CUDA)")
     run.add_argument("--decode-tokens", type=int, default=None,
                      help="tokens generated per timed decode call (default 64 CPU, 128 CUDA)")
+    run.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                     help="time budget of the run, spread over the comparisons left: a slow "
+                          "comparison runs fewer rounds (at least 3; records say how many). "
+                          "Default 150 for the default CPU configuration, else none; 0: none")
     run.add_argument("--no-cuda-graphs", action="store_true",
                      help="time forward and sampling eagerly on CUDA instead of as graph replays")
     run.add_argument("--threads", type=int, default=None,
@@ -88,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="print one short line per comparison instead of the full tables")
     results.add_argument("--plot", metavar="DIR", default=None, help="draw PNG plots into DIR")
     results.add_argument("--update-doc", metavar="FILE", default=None,
-                         help="rewrite the bench-table blocks of FILE (e.g. BENCHMARKS.md)")
+                         help="rewrite the bench-table blocks of FILE (e.g. BENCHMARKS.md), "
+                              "and with --plot its bench-plots block")
     return parser
 
 
@@ -124,9 +129,20 @@ def _options(args, argv) -> runner.Options:
         suites=tuple(suites), backends=tuple(backends) if backends else None,
         shapes=shapes.parse_shapes_option(args.shapes) or None, rounds=args.repeats,
         warmup=args.warmup, quick=args.quick, decode_tokens=args.decode_tokens,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, budget_s=_budget(args, device_type),
         command=shlex.join(["fastlstm", "bench"] + list(argv)),
         progress=None if args.quiet else sys.stderr)
+
+
+def _budget(args, device_type: str) -> float | None:
+    if args.budget is not None:
+        if args.budget < 0:
+            raise ValueError(f"--budget must be at least 0 seconds; got {args.budget}")
+        return args.budget or None
+    # The default CPU tables must finish in about 3 minutes even on a busy machine.
+    if device_type == "cpu" and not args.quick and not args.shapes and args.repeats is None:
+        return 150.0
+    return None
 
 
 def _default_out(device: str) -> str | None:
@@ -140,13 +156,18 @@ def _default_out(device: str) -> str | None:
 def _outputs(args, made: list[dict]) -> None:
     if args.markdown:
         print(report.markdown_tables(made))
+    drawn = []
     if args.plot:
-        for path in plot.draw(made, args.plot):
+        drawn = plot.draw(made, args.plot)
+        for path in drawn:
             print(f"wrote {path}")
     if args.update_doc:
         with open(args.update_doc) as handle:
             text = handle.read()
         text, filled = report.update_document(text, made)
+        if args.plot:
+            text = report.update_plots(text, drawn,
+                                       os.path.dirname(os.path.abspath(args.update_doc)))
         with open(args.update_doc, "w") as handle:
             handle.write(text)
         print(f"updated {args.update_doc}: {filled} table(s) filled from results")

@@ -156,8 +156,18 @@ def _provenance(group: list[dict]) -> str:
                      f"{group[0]['machine'].get('gpu_driver')}")
     if software.get("triton"):
         versions += f", Triton {software.get('triton')}"
-    return (f"Command: {', '.join(f'`{c}`' for c in commands)}; {versions}; commit "
+    text = (f"Command: {', '.join(f'`{c}`' for c in commands)}; {versions}; commit "
             f"{', '.join(commits)}; run {', '.join(runs)}.")
+    if group[0]["device"] == "cpu":
+        threads = sorted({r["machine"].get("torch_threads") for r in group} - {None})
+        loads = [r["machine"].get("load_average_1min") for r in group]
+        loads = [value for value in loads if value is not None]
+        if threads:
+            text += f" torch threads: {', '.join(map(str, threads))}."
+        if loads:
+            text += (f" Load average (1 min) while measuring: {min(loads):.1f} to "
+                     f"{max(loads):.1f} on {group[0]['machine'].get('cpu_cores')} cores.")
+    return text
 
 
 # A block of BENCHMARKS.md that `fastlstm bench --update-doc` rewrites:
@@ -210,3 +220,22 @@ def update_document(text: str, records: list[dict]) -> tuple[str, int]:
         return match.group(1) + body + match.group(4)
 
     return _BLOCK.sub(replace, text), filled
+
+
+_PLOTS = re.compile(r"(<!-- bench-plots -->\n)(?P<body>.*?)(<!-- /bench-plots -->)", re.S)
+_PLOT_TITLES = {"train_speedup_vs_hidden.png": "Training speedup against hidden size",
+                "train_speedup_vs_batch.png": "Training speedup against batch",
+                "decode_latency.png": "Decode latency per token",
+                "sample_time_vs_vocab.png": "Sampling time against vocabulary"}
+
+
+def update_plots(text: str, paths: list[str], document_dir: str) -> str:
+    """Fill the bench-plots block of a document with the PNGs drawn, linked relative to it."""
+    import os
+    lines = []
+    for path in paths:
+        name = os.path.basename(path)
+        link = os.path.relpath(path, document_dir).replace(os.sep, "/")
+        lines.append(f"![{_PLOT_TITLES.get(name, name)}]({link})\n")
+    body = "\n".join(lines) if lines else "No plot yet: no suite has a recorded result.\n"
+    return _PLOTS.sub(lambda m: m.group(1) + body + m.group(3), text)

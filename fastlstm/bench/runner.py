@@ -25,6 +25,7 @@ class Options:
     quick: bool = False
     decode_tokens: int | None = None
     cuda_graphs: bool = True
+    budget_s: float | None = None  # spread over the comparisons left; fewer rounds if needed
     command: str = "fastlstm bench"
     progress: object = sys.stderr  # a file for progress lines, or None
 
@@ -61,6 +62,7 @@ class Runner:
         self.writer = writer or records.ResultWriter(None)
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.started = time.perf_counter()
+        self.jobs_left = 0
         self._peak = {}
         self._bandwidth = None
 
@@ -139,10 +141,14 @@ class Runner:
         candidates = {"fastlstm": workload.fastlstm, **workload.baselines}
         use_graphs = (self.options.cuda_graphs and workload.graph_safe
                       and self.device.type == "cuda")
+        max_seconds = None
+        if self.options.budget_s:
+            left = self.options.budget_s - (time.perf_counter() - self.started)
+            max_seconds = max(left, 0.0) / max(self.jobs_left, 1)
         try:
             result = timing.interleaved(candidates, self.device, rounds=self.rounds,
                                         warmup=self.warmup, min_sample_s=self.min_sample_s,
-                                        use_graphs=use_graphs)
+                                        use_graphs=use_graphs, max_seconds=max_seconds)
         except Exception as error:  # noqa: BLE001 - e.g. a kernel that fails at this shape
             return [self._record(suite, shape, backend, name, status="error",
                                  backend_ran=workload.backend_ran,
@@ -157,6 +163,7 @@ class Runner:
             pair_ratios = timing.ratios(base_times, fast_times)
             made.append(self._record(
                 suite, shape, backend, name, backend_ran=workload.backend_ran,
+                rounds=result["rounds"],
                 fastlstm_times=fast_times, baseline_times=base_times, ratios=pair_ratios,
                 fastlstm_median=timing.median(fast_times),
                 baseline_median=timing.median(base_times),
@@ -169,8 +176,7 @@ class Runner:
         return made
 
     def run_suite(self, suite: str) -> list[dict]:
-        chosen = (self.options.shapes or {}).get(suite) or shapes.default_shapes(
-            suite, self.device.type, self.options.quick)
+        chosen = self.suite_shapes(suite)
         jobs = [(shape, backend) for shape in chosen for backend in self.backends]
         made = []
         for index, (shape, backend) in enumerate(jobs, 1):
@@ -181,10 +187,17 @@ class Runner:
                     self.say(f"  {record['ratio_median']:.2f}x against {record['baseline']}")
                 else:
                     self.say(f"  {record['status']}: {record['reason']}")
+            self.jobs_left = max(self.jobs_left - 1, 0)
         return made
+
+    def suite_shapes(self, suite: str) -> tuple:
+        return (self.options.shapes or {}).get(suite) or shapes.default_shapes(
+            suite, self.device.type, self.options.quick)
 
     def run(self, on_suite=None) -> list[dict]:
         made = []
+        self.jobs_left = sum(len(self.suite_shapes(s)) * len(self.backends)
+                             for s in self.options.suites)
         for suite in self.options.suites:
             suite_records = self.run_suite(suite)
             made.extend(suite_records)

@@ -79,13 +79,16 @@ def capture_graph(fn: Callable[[], object], device: torch.device):
 
 def interleaved(candidates: dict[str, Callable[[], object]], device, *, rounds: int,
                 warmup: int = 2, min_sample_s: float = 0.02, max_inner: int = 10000,
-                use_graphs: bool = False) -> dict:
+                use_graphs: bool = False, max_seconds: float | None = None,
+                min_rounds: int = 3) -> dict:
     """Time every candidate `rounds` times, interleaved, after `warmup` calls each.
 
     Returns {"times": {name: [seconds per call, one per round]}, "inner": {name: calls per
     sample}, "timer": {name: "perf_counter" | "cuda_events" | "cuda_graph"}}. `inner` is chosen
     per candidate so that one sample lasts about `min_sample_s`, which keeps timer resolution and
-    call overhead out of fast calls without making slow ones repeat.
+    call overhead out of fast calls without making slow ones repeat. With `max_seconds`, fewer
+    rounds (never under `min_rounds`) are run when `rounds` of them would take longer; the
+    result's "rounds" says how many ran.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1; got {rounds}")
@@ -98,20 +101,23 @@ def interleaved(candidates: dict[str, Callable[[], object]], device, *, rounds: 
         calls[name] = replay or fn
         timers[name] = ("cuda_graph" if replay else
                         "cuda_events" if device.type == "cuda" else "perf_counter")
-    inner = {}
+    inner, once_times = {}, {}
     for name in names:
         fn = calls[name]
-        for _ in range(max(warmup, 1)):
+        for _ in range(warmup - 1):
             fn()
-        synchronize(device)
-        once = time_calls(fn, device, 1)
+        # the last warm-up call (or the only call, with warmup=0) is timed to choose `inner`
+        once = once_times[name] = time_calls(fn, device, 1)
         inner[name] = int(min(max_inner, max(1, math.ceil(min_sample_s / max(once, 1e-9)))))
+    if max_seconds is not None:
+        per_round = sum(once_times[name] * inner[name] for name in names)
+        rounds = min(rounds, max(min_rounds, int(max_seconds / max(per_round, 1e-9))))
     times = {name: [] for name in names}
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(time_calls(calls[name], device, inner[name]))
-    return {"times": times, "inner": inner, "timer": timers}
+    return {"times": times, "inner": inner, "timer": timers, "rounds": rounds}
 
 
 def measure_read_bandwidth(device, nbytes: int | None = None, rounds: int = 5) -> dict:
