@@ -122,7 +122,10 @@ def git_commit() -> str | None:
                               text=True, timeout=20)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+        # changed or new files of the code that runs count; recorded results do not
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "fastlstm",
+                                "csrc", "setup.py", "CMakeLists.txt", "benchmarks",
+                                ":!benchmarks/results"],
                                capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
