@@ -134,7 +134,7 @@ def write_records(args, device, runners, skipped, times):
                   "baseline": "cuda_events" if device.type == "cuda" else "perf_counter"},
         "floor_s": None, "floor_basis": None, "machine": records.machine(device.type),
         "software": records.software(), "git_commit": records.git_commit(),
-        "baseline": "nn.LSTM (cudnn runner)",
+        "baseline": f"nn.LSTM ({workloads.onednn_name(device)}; fastrnns' cudnn runner)",
     }
     for phase in ("fwd", "bwd"):
         flops = shape.forward_flops() * (1 if phase == "fwd" else 2)

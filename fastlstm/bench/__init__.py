@@ -29,9 +29,9 @@ from .shapes import SUITES
 __all__ = ["main", "shapes", "workloads", "timing", "records", "report", "plot", "runner"]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastlstm bench",
+        prog=prog,
         description="Benchmark fastlstm against nn.LSTM, the eager decode loop and "
                     "softmax + multinomial; record results and draw tables and plots.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,7 +101,7 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _options(args, argv) -> runner.Options:
+def _options(args, argv, prog) -> runner.Options:
     suites = _split(args.suites)
     for suite in suites:
         if suite not in SUITES:
@@ -130,7 +130,7 @@ def _options(args, argv) -> runner.Options:
         shapes=shapes.parse_shapes_option(args.shapes) or None, rounds=args.repeats,
         warmup=args.warmup, quick=args.quick, decode_tokens=args.decode_tokens,
         cuda_graphs=not args.no_cuda_graphs, budget_s=_budget(args, device_type),
-        command=shlex.join(["fastlstm", "bench"] + list(argv)),
+        command=" ".join([prog, shlex.join(list(argv))]).strip(),
         progress=None if args.quiet else sys.stderr)
 
 
@@ -173,16 +173,17 @@ def _outputs(args, made: list[dict]) -> None:
         print(f"updated {args.update_doc}: {filled} table(s) filled from results")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `fastlstm bench` (and `python -m fastlstm.bench`); returns the exit code."""
+def main(argv: list[str] | None = None, prog: str = "fastlstm bench") -> int:
+    """Entry point of `fastlstm bench` (and `python -m fastlstm.bench`); returns the exit code.
+    `prog` is how the command was invoked, as records and tables show it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     try:
         if args.sources is not None:
             made = records.load(args.sources)
             if not made:
-                print(f"fastlstm bench: no records in {' '.join(args.sources)}", file=sys.stderr)
+                print(f"{prog}: no records in {' '.join(args.sources)}", file=sys.stderr)
                 return 1
             if args.brief:
                 print(report.brief_table(records.latest(made)))
@@ -190,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(report.text_tables(records.latest(made)))
             _outputs(args, made)
             return 0
-        options = _options(args, argv)
+        options = _options(args, argv, prog)
     except (ValueError, FileNotFoundError) as error:
         parser.print_usage(sys.stderr)
-        print(f"fastlstm bench: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench_runner = runner.Runner(options, writer)
     except ValueError as error:
-        print(f"fastlstm bench: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
     def print_suite(suite, suite_records):

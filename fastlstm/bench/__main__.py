@@ -2,4 +2,4 @@ import sys
 
 from . import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[1:], prog="python -m fastlstm.bench"))

@@ -131,12 +131,14 @@ def draw(records: list[dict], directory: str, prefix: str = "") -> list[str]:
     train = _panels(chosen, "train")
     if train:
         path = os.path.join(directory, f"{prefix}train_speedup_vs_hidden.png")
-        _speedup_plot(plt, train, "hidden_size", (("B", "batch"), ("T", "steps")),
-                      "hidden size H", path)
+        _speedup_plot(plt, train, "hidden_size", (("B", "batch"), ("T", "steps"),
+                                                  ("L", "num_layers")),
+                      "hidden size H (training: forward + backward)", path)
         written.append(path)
         path = os.path.join(directory, f"{prefix}train_speedup_vs_batch.png")
-        _speedup_plot(plt, train, "batch", (("H", "hidden_size"), ("T", "steps")), "batch B",
-                      path)
+        _speedup_plot(plt, train, "batch", (("H", "hidden_size"), ("T", "steps"),
+                                            ("L", "num_layers")),
+                      "batch B (training: forward + backward)", path)
         written.append(path)
     decode = _panels(chosen, "decode")
     if decode:
