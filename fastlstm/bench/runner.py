@@ -3,6 +3,7 @@ figures into records of the one schema (see records.py)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 import uuid
@@ -194,7 +195,21 @@ class Runner:
         return (self.options.shapes or {}).get(suite) or shapes.default_shapes(
             suite, self.device.type, self.options.quick)
 
+    def warn_if_loaded(self) -> None:
+        if self.device.type != "cpu":
+            return
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return
+        cores = os.cpu_count() or 1
+        if load > cores:
+            self.say(f"warning: load average {load:.1f} on {cores} cores: other processes "
+                     f"compete for the CPU and the figures will move with them (--threads 1 "
+                     f"keeps them steadier)")
+
     def run(self, on_suite=None) -> list[dict]:
+        self.warn_if_loaded()
         made = []
         self.jobs_left = sum(len(self.suite_shapes(s)) * len(self.backends)
                              for s in self.options.suites)
