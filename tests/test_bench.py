@@ -414,3 +414,20 @@ def test_budget_cuts_rounds_but_not_below_the_minimum(monkeypatch):
     assert result["rounds"] == 3
     result = timing.interleaved(candidates, "cpu", rounds=5, warmup=0, max_seconds=100.0)
     assert result["rounds"] == 5
+
+
+def test_a_loaded_cpu_runs_with_one_thread_and_the_setting_is_restored(tmp_path, capsys,
+                                                                       monkeypatch):
+    import os
+    monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 1000.0, 1000.0))
+    before = torch.get_num_threads()
+    out = tmp_path / "run.jsonl"
+    code, _, err = run_cli(["--quick", "--backends", "torch", "--suites", "forward",
+                            "--repeats", "1", "--out", str(out)], capsys)
+    assert code == 0
+    made = read_records(out)
+    assert {r["machine"]["torch_threads"] for r in made} == {1}
+    assert {r["machine"]["load_average_1min"] for r in made} == {1000.0}
+    if before > 1:
+        assert "running both sides with 1 thread" in err
+    assert torch.get_num_threads() == before

@@ -75,8 +75,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                      help="time forward and sampling eagerly on CUDA instead of as graph replays")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (torch.set_num_threads) for both sides; default: "
-                          "torch's own choice. On a loaded machine 1 thread gives steadier "
-                          "figures (recorded in each record's machine.torch_threads)")
+                          "torch's own choice, or 1 when the CPU is already loaded (load average "
+                          "above the core count), where parallel regions stall and figures "
+                          "swing by 10x. Each record keeps machine.torch_threads")
     run.add_argument("--quick", action="store_true",
                      help="tiny shapes and few rounds: checks the harness in seconds")
     run.add_argument("--out", default=None,
@@ -132,6 +133,20 @@ def _options(args, argv, prog) -> runner.Options:
         cuda_graphs=not args.no_cuda_graphs, budget_s=_budget(args, device_type),
         command=" ".join([prog, shlex.join(list(argv))]).strip(),
         progress=None if args.quiet else sys.stderr)
+
+
+def _threads_for_load(args) -> int | None:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores or torch.get_num_threads() == 1:
+        return None
+    if not args.quiet:
+        print(f"[bench] load average {load:.1f} on {cores} cores: running both sides with 1 "
+              f"thread (--threads N to choose)", file=sys.stderr)
+    return 1
 
 
 def _budget(args, device_type: str) -> float | None:
@@ -196,8 +211,19 @@ def main(argv: list[str] | None = None, prog: str = "fastlstm bench") -> int:
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads_before = torch.get_num_threads()
+    threads = args.threads
+    if threads is None and options.device.startswith("cpu"):
+        threads = _threads_for_load(args)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args, options, prog)
+    finally:  # a caller in the same process (tests, notebooks) keeps its own setting
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, options, prog) -> int:
     out = args.out if args.out is not None else _default_out(options.device)
     if out == "none":
         out = None
