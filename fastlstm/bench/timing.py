@@ -167,17 +167,3 @@ def measure_matmul_peak(device, dtype: torch.dtype, size: int | None = None,
     return {"flops": 2 * size ** 3, "seconds": seconds, "flops_per_s": 2 * size ** 3 / seconds,
             "method": f"best {size}x{size}x{size} {str(dtype).replace('torch.', '')} matmul"}
 
-
-def measure_read_time(device, nbytes: int, rounds: int = 7) -> dict:
-    """Seconds to read `nbytes` once: one torch.sum over a float32 buffer of that size, repeated,
-    so the buffer sits wherever data of that size sits between steps (in cache when it fits, as
-    a decode step's weights do; in memory when it does not). The floor of a memory-bound step
-    that must read that many bytes, including one call's overhead."""
-    device = torch.device(device)
-    buffer = torch.rand(max(nbytes // 4, 1), device=device)
-    fn = lambda: buffer.sum()  # noqa: E731
-    seconds = _best_over_threads(device, lambda: min(interleaved(
-        {"read": fn}, device, rounds=rounds, warmup=2, min_sample_s=0.02)["times"]["read"]))
-    return {"bytes": buffer.numel() * 4, "seconds": seconds,
-            "bytes_per_s": buffer.numel() * 4 / seconds,
-            "method": f"best torch.sum over a warm {buffer.numel() * 4} B float32 buffer"}
