@@ -70,10 +70,10 @@ def _decode_plot(plt, panels, path):
     figure, axes = plt.subplots(1, count, figsize=(6 * count, 4.2), squeeze=False)
     for axis, (key, group) in zip(axes[0], sorted(panels.items())):
         labels = sorted({r["shape_label"] for r in group})
-        series: dict = {"fastlstm generate": {}, "floor (weights / bandwidth)": {}}
+        series: dict = {"fastlstm generate": {}, "floor (one read of the weights)": {}}
         for record in group:
             series["fastlstm generate"][record["shape_label"]] = record["fastlstm_median"]
-            series["floor (weights / bandwidth)"][record["shape_label"]] = record["floor_s"]
+            series["floor (one read of the weights)"][record["shape_label"]] = record["floor_s"]
             series.setdefault(record["baseline"], {})[record["shape_label"]] = \
                 record["baseline_median"]
         width = 0.8 / len(series)
@@ -109,7 +109,7 @@ def _sample_plot(plt, panels, path):
                       linestyle="--", color=line.get_color(),
                       label=f"{batch_records[0]['baseline']} B={batch}")
             axis.plot(vocab, [r["floor_s"] * 1e6 for r in batch_records], linestyle=":",
-                      color=line.get_color(), label=f"floor B={batch}")
+                      marker="x", color=line.get_color(), label=f"floor B={batch}")
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("vocabulary V")
