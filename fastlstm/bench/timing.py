@@ -164,6 +164,7 @@ def measure_matmul_peak(device, dtype: torch.dtype, size: int | None = None,
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = _best_over_threads(device, lambda: min(interleaved(
         {"mm": lambda: a @ b}, device, rounds=rounds, warmup=2, min_sample_s=0.05)["times"]["mm"]))
-    return {"flops": 2 * size ** 3, "seconds": seconds, "flops_per_s": 2 * size ** 3 / seconds,
+    return {"flops": 2 * size ** 3, "size": size, "seconds": seconds,
+            "flops_per_s": 2 * size ** 3 / seconds,
             "method": f"best {size}x{size}x{size} {str(dtype).replace('torch.', '')} matmul"}
 
