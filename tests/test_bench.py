@@ -431,3 +431,23 @@ def test_a_loaded_cpu_runs_with_one_thread_and_the_setting_is_restored(tmp_path,
     if before > 1:
         assert "running both sides with 1 thread" in err
     assert torch.get_num_threads() == before
+
+
+def test_gpu_check_script_parses_and_its_bench_options_are_valid():
+    import pathlib
+    import re
+    import shutil
+    import subprocess
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash here")
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text().replace("\\\n", " ")
+    lines = [line.split(None, 3)[3] for line in text.splitlines()
+             if re.match(r"^bench [\w-]+ \d+ ", line)]
+    assert len(lines) >= 6
+    parser = bench._parser("fastlstm bench")
+    for line in lines:
+        args = parser.parse_args(line.split())
+        options = bench._options(args, line.split(), "fastlstm bench")
+        assert options.suites and options.backends
