@@ -148,7 +148,7 @@ class LSTM(nn.LSTM):
                         f"LSTM: hx[{index}] has dtype {tensor.dtype} but input has dtype "
                         f"{input.dtype}; they must match")
 
-        backend = _backends.resolve(self.backend, input.device, input.dtype)
+        backend = _backends.resolve_constant(self.backend, input.device, input.dtype)
         with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
             if batch_sizes is None:
                 steps_first = input.transpose(0, 1) if self.batch_first else input
@@ -247,7 +247,7 @@ class LSTMCell(nn.LSTMCell):
                 if weights[0].dtype != input.dtype:
                     raise RuntimeError(f"LSTMCell: input has dtype {input.dtype} but weight_ih "
                                        f"has dtype {weights[0].dtype}; they must match")
-        backend = _backends.resolve(self.backend, input.device, input.dtype)
+        backend = _backends.resolve_constant(self.backend, input.device, input.dtype)
         run_layer = layer_function(backend)
         with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
             _out, h, c = run_layer(input, None, hx[0], hx[1], *weights, reverse=False)
