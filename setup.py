@@ -188,6 +188,9 @@ def _build_ext_class(cpp_extension, no_cuda_reason):
             for ext in self.extensions:
                 if ext.name == "fastlstm._C":
                     self._write_report(os.path.dirname(self.get_ext_fullpath(ext.name)), text)
+                    if getattr(self, "editable_mode", False):
+                        # pip install -e: the package is imported from the source tree.
+                        self._write_report(os.path.join(ROOT, "fastlstm"), text)
 
         def copy_extensions_to_source(self):
             # --inplace: setuptools builds in build/ and copies the .so back; the report follows.

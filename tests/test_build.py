@@ -16,20 +16,24 @@ import fastlstm
 from fastlstm import _backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPORT = os.path.join(os.path.dirname(os.path.abspath(fastlstm.__file__)), "_C.ptxas.json")
 
 
 def _load_report():
     module = _backends.extension()
     if module is None:
         pytest.skip(f"fastlstm._C is not built: {_backends._import_extension()[1]}")
-    if not os.path.exists(REPORT):
-        pytest.fail(f"{REPORT} is missing: setup.py writes it when it builds fastlstm._C; rebuild")
-    with open(REPORT) as handle:
+    # Next to the extension, or in the package directory (editable installs).
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(path)), "_C.ptxas.json")
+                  for path in (module.__file__, fastlstm.__file__)]
+    report_path = next((path for path in candidates if os.path.exists(path)), candidates[0])
+    if not os.path.exists(report_path):
+        pytest.fail(f"{report_path} is missing: setup.py writes it when it builds fastlstm._C; "
+                    "rebuild")
+    with open(report_path) as handle:
         report = json.load(handle)
     if module.has_cuda() != report["cuda"]:
-        pytest.fail(f"{REPORT} describes a build with cuda={report['cuda']} but fastlstm._C has "
-                    f"has_cuda()={module.has_cuda()}: the report is stale; rebuild")
+        pytest.fail(f"{report_path} describes a build with cuda={report['cuda']} but fastlstm._C "
+                    f"has has_cuda()={module.has_cuda()}: the report is stale; rebuild")
     return report
 
 

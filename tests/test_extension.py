@@ -253,9 +253,6 @@ class _Model(nn.Module):
         return self.head(out).sum() + h.sum()
 
 
-# Dynamo refuses every instance of nn.LSTM (fastlstm.LSTM is one) unless allow_rnn is set; with
-# it, Dynamo traces fastlstm.LSTM.forward, whose recurrence is one custom op per layer.
-@torch._dynamo.config.patch(allow_rnn=True)
 def test_torch_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     model = _Model()
