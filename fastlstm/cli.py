@@ -221,10 +221,11 @@ def _run_generate(args) -> int:
 
 
 def _run_bench(args) -> int:
+    import importlib
     try:
-        from . import bench
+        bench = importlib.import_module("fastlstm.bench")
     except ModuleNotFoundError as error:
-        if error.name in ("fastlstm.bench", __package__ + ".bench"):
+        if error.name == "fastlstm.bench":
             print("fastlstm bench: the benchmark runner (fastlstm.bench) is not part of this "
                   "installation; install fastlstm from a complete source tree", file=sys.stderr)
             return 2
