@@ -46,13 +46,15 @@ def _extensions():
     sources = _sources()
     cpp_sources = [s for s in sources if s.endswith(".cpp")]
     cu_sources = [s for s in sources if s.endswith(".cu")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # The C++ standard is left to torch.utils.cpp_extension: it adds the one its headers need
+    # (C++17 for torch 2.4, C++20 for recent releases).
+    cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         archs = os.environ.get("FASTLSTM_CUDA_ARCHS", "8.0;9.0")
         arch_list = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
                       "--expt-relaxed-constexpr", "-Xptxas=-v",
                       "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]

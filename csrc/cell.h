@@ -15,6 +15,13 @@
 
 namespace fastlstm {
 
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+// On the host, unqualified exp/tanh of a float must pick the float overloads, not promote to
+// double. Vector types (the CPU kernels' SIMD lanes) bring their own exp/tanh, found by ADL.
+using std::exp;
+using std::tanh;
+#endif
+
 template <typename Acc>
 FASTLSTM_HD Acc sigmoid(Acc x) {
   return Acc(1) / (Acc(1) + exp(-x));
