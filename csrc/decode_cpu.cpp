@@ -10,20 +10,25 @@
 // Schema (declared below):
 //   decode_cpu(Tensor token, Tensor(a!) h, Tensor(b!) c, Tensor embedding, Tensor[] w_ih,
 //              Tensor[] w_hh, Tensor[] bias, Tensor head_weight, Tensor? head_bias,
-//              Tensor temperature, int top_k, float top_p, int seed, int offset,
-//              int offset_step, int num_steps) -> Tensor
+//              float temperature, int top_k, float top_p, Generator? generator,
+//              int num_steps) -> Tensor
 //   token [B] int64: the last token; h, c [L, B, H] float32, updated in place to the state after
 //   the last step; embedding [V, E]; w_ih[l] [4H, E or H]; w_hh[l] [4H, H]; bias[l] [4H]
-//   (b_ih + b_hh); head_weight [V, H]; head_bias [V] or None; temperature [B] float32 (0 =
-//   greedy). Step s draws with fastlstm::sample_cpu(logits, temperature, top_k, top_p, seed,
-//   offset + s * offset_step), exactly as s consecutive fastlstm.sample calls would.
+//   (b_ih + b_hh); head_weight [V, H]; head_bias [V] or None; temperature >= 0 (0 = greedy).
+//   Every step draws with fastlstm::sample_cpu after taking one 64-bit seed from `generator`
+//   (the default CPU generator when None), exactly as the fastlstm::sample op does per call, so
+//   num_steps steps here give the tokens of num_steps Python steps with fastlstm.sample.
 //   Returns the drawn tokens, int64 [B, num_steps].
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 #include "cell.h"
@@ -142,9 +147,11 @@ const DotKernels& dot_kernels() {
   return kernels;
 }
 
-// Work below this many weights (4 MB of float32) runs on one thread: waking a second costs
-// more than it saves at these sizes, and on a shared, busy machine far more.
-constexpr int64_t kMinWeightsPerTask = 1 << 20;
+// A parallel region only for very large matrices (32 MB of float32 and up). At batch 1 the step
+// is bound by memory bandwidth, and waking OpenMP threads pays only when the machine has idle
+// cores: on a 2-core machine under load, (10000, 256, 512, 2) took 10.3 ms a token on one thread
+// and 34-70 ms with the work split over two.
+constexpr int64_t kMinWeightsPerTask = int64_t(1) << 23;
 
 int64_t grain_for(int64_t weights_per_item) {
   return std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, weights_per_item));
@@ -232,9 +239,9 @@ void check_vector(const at::Tensor& t, const char* name, int64_t size) {
 at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
                       const at::Tensor& embedding, at::TensorList w_ih, at::TensorList w_hh,
                       at::TensorList bias, const at::Tensor& head_weight,
-                      const c10::optional<at::Tensor>& head_bias, const at::Tensor& temperature,
-                      int64_t top_k, double top_p, int64_t seed, int64_t offset,
-                      int64_t offset_step, int64_t num_steps) {
+                      const std::optional<at::Tensor>& head_bias, double temperature,
+                      int64_t top_k, double top_p, std::optional<at::Generator> generator,
+                      int64_t num_steps) {
   const int64_t layers = static_cast<int64_t>(w_ih.size());
   TORCH_CHECK(layers >= 1, "decode_cpu: w_ih must hold one tensor per layer; got none");
   TORCH_CHECK(static_cast<int64_t>(w_hh.size()) == layers &&
@@ -275,7 +282,11 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
     check_vector(*head_bias, "head_bias", vocab);
     head_bias_data = head_bias->data_ptr<float>();
   }
-  check_vector(temperature, "temperature", batch);
+  TORCH_CHECK_VALUE(temperature >= 0.0 && std::isfinite(temperature),
+                    "decode_cpu: temperature must be finite and >= 0; got ", temperature);
+  TORCH_CHECK_VALUE(top_k >= 0, "decode_cpu: top_k must be >= 0 (0 = off); got ", top_k);
+  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "decode_cpu: top_p must be in (0, 1]; got ",
+                    top_p);
 
   at::Tensor tokens = at::empty({batch, num_steps}, token.options());
   if (num_steps == 0 || batch == 0) return tokens;
@@ -286,6 +297,9 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
   }
 
   const DotKernels& dots = dot_kernels();
+  const at::Tensor temperatures = at::full({batch}, temperature, h.options());
+  auto* cpu_generator = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
   at::Tensor logits = at::empty({batch, vocab}, head_weight.options());
   at::Tensor h_next = at::empty({batch, hidden}, h.options());
   std::vector<const float*> x_rows(batch);
@@ -311,8 +325,13 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
     head_step(dots, head_weight.data_ptr<float>(), head_bias_data,
               h_data + (layers - 1) * batch * hidden, logits.data_ptr<float>(), batch, hidden,
               vocab);
-    const at::Tensor drawn = sample_cpu(logits, temperature, top_k, top_p, seed,
-                                        offset + step * offset_step);
+    uint64_t seed;
+    {
+      std::lock_guard<std::mutex> lock(cpu_generator->mutex_);
+      seed = cpu_generator->random64();
+    }
+    const at::Tensor drawn =
+        sample_cpu(logits, temperatures, top_k, top_p, static_cast<int64_t>(seed), 0);
     const int64_t* drawn_data = drawn.data_ptr<int64_t>();
     for (int64_t b = 0; b < batch; ++b) {
       TORCH_CHECK(drawn_data[b] >= 0 && drawn_data[b] < vocab_in, "decode_cpu: drew token ",
@@ -330,8 +349,8 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
 TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def(
       "decode_cpu(Tensor token, Tensor(a!) h, Tensor(b!) c, Tensor embedding, Tensor[] w_ih, "
-      "Tensor[] w_hh, Tensor[] bias, Tensor head_weight, Tensor? head_bias, Tensor temperature, "
-      "int top_k, float top_p, int seed, int offset, int offset_step, int num_steps) -> Tensor");
+      "Tensor[] w_hh, Tensor[] bias, Tensor head_weight, Tensor? head_bias, float temperature, "
+      "int top_k, float top_p, Generator? generator, int num_steps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {

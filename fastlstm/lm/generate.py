@@ -24,36 +24,9 @@ from .. import _backends
 # The draw
 # ------------------------------------------------------------------------------------------------
 
-def _fastlstm_sample():
-    """fastlstm.sample, or None in an installation without it."""
-    import fastlstm
-    return getattr(fastlstm, "sample", None)
-
-
-def _torch_draw(logits, temperature, top_k, top_p, generator):
-    """fastlstm.sample's distribution with plain torch ops (softmax, masks, multinomial)."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(-1)
-    scores = logits / temperature
-    if top_k and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = scores.sort(-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        drop = mass_before >= top_p  # keeps the smallest prefix reaching top_p, at least one
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 def draw(logits, temperature, top_k, top_p, generator):
-    """Token ids [B] from logits [B, V] with fastlstm.sample's semantics."""
-    sample = _fastlstm_sample()
-    if sample is None:
-        return _torch_draw(logits, temperature, top_k, top_p, generator)
+    """Token ids [B] from logits [B, V]: fastlstm.sample."""
+    from ..sampling import sample  # imported here: fastlstm.sampling imports this package's parent
     return sample(logits, temperature, top_k=top_k, top_p=top_p, generator=generator)
 
 
@@ -109,7 +82,7 @@ class _StepWeights:
 
     def __init__(self, model):
         lstm = model.lstm
-        self.embedding = model.embedding.weight.detach()
+        self.embedding = model.embedding.weight.detach().contiguous()
         self.w_ih, self.w_hh, self.bias = [], [], []
         for layer in range(lstm.num_layers):
             w_ih = getattr(lstm, f"weight_ih_l{layer}").detach()
@@ -144,14 +117,24 @@ class _StepWeights:
 # Decoder
 # ------------------------------------------------------------------------------------------------
 
+_fake_registered = False
+
+
 def _cpu_op():
     """torch.ops.fastlstm.decode_cpu when fastlstm._C is built with it, else None."""
-    if _backends.extension() is None:
+    global _fake_registered
+    if _backends.extension() is None or not hasattr(torch.ops.fastlstm, "decode_cpu"):
         return None
-    try:
-        return torch.ops.fastlstm.decode_cpu
-    except (AttributeError, RuntimeError):
-        return None
+    op = torch.ops.fastlstm.decode_cpu
+    if not _fake_registered:
+        # Shapes for tracing (torch.compile, opcheck): h and c are mutated in place, the result
+        # is the drawn tokens [B, num_steps].
+        @torch.library.register_fake("fastlstm::decode_cpu")
+        def _(token, h, c, embedding, w_ih, w_hh, bias, head_weight, head_bias, temperature,
+              top_k, top_p, generator, num_steps):
+            return token.new_empty(token.shape[0], num_steps)
+        _fake_registered = True
+    return op
 
 
 class Decoder:
@@ -242,7 +225,12 @@ class Decoder:
             out[:, index] = self.token
 
     def _run_cpu_op(self, out, start):
-        raise NotImplementedError
+        w = self.weights
+        tokens = _cpu_op()(self.token, self.h, self.c, w.embedding, w.w_ih, w.w_hh, w.bias,
+                           w.head_weight, w.head_bias, self.temperature, self.top_k, self.top_p,
+                           self.generator, out.shape[1] - start)
+        out[:, start:] = tokens
+        self.token = tokens[:, -1].contiguous()
 
     def _run_cuda_graph(self, out, start):
         raise NotImplementedError
