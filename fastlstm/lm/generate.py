@@ -216,6 +216,11 @@ class Decoder:
                     self._run_cuda_graph(out, done)
                 else:
                     self._run_python(out, done)
+        if self.device.type == "cuda":
+            # one synchronization per call, none per token: a row the sampler found bad
+            # (NaN logits) comes back as -1 and is reported here
+            from ..sampling import check_tokens
+            check_tokens(out)
         return out
 
     def _run_python(self, out, start):
@@ -232,8 +237,80 @@ class Decoder:
         out[:, start:] = tokens
         self.token = tokens[:, -1].contiguous()
 
+    # -- CUDA: one decode step captured in a CUDA graph ------------------------------------------
+
+    _GRAPH_HISTORY = 256  # tokens the graph records on the device before they are copied out
+
+    def _graph_step(self):
+        """The captured step: reads and writes only the static buffers below."""
+        logits = self.weights.step(self._feed_token, self.h, self.c)
+        token = self._draw(logits)
+        # A bad row (NaN logits) draws -1 on CUDA without a sync; feed a valid id so the next
+        # gather stays in bounds, and report the -1 after the run (check_tokens).
+        self._feed_token.copy_(token.clamp_min(0))
+        self._history.index_copy_(1, self._history_index, token.unsqueeze(1))
+        self._history_index.add_(1)
+
+    def _cuda_generator(self):
+        if self.generator is not None:
+            return self.generator
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+
+    def _build_graph(self):
+        generator = self._cuda_generator()
+        self._feed_token = self.token.clamp_min(0)
+        self._history = torch.empty(self.batch, self._GRAPH_HISTORY, dtype=torch.int64,
+                                    device=self.device)
+        self._history_index = torch.zeros(1, dtype=torch.int64, device=self.device)
+        saved = (self.h.clone(), self.c.clone(), self._feed_token.clone(), generator.get_state())
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            # a generator other than the default one must be known to the graph, so that every
+            # replay advances its offset and draws fresh numbers
+            if not hasattr(graph, "register_generator_state"):
+                raise RuntimeError("this torch cannot capture draws from a user generator in a "
+                                   "CUDA graph (no CUDAGraph.register_generator_state)")
+            graph.register_generator_state(self.generator)
+        try:
+            # Warm-up on a side stream (lazy initialization, cuBLAS workspaces), as capture needs.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._graph_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            with torch.cuda.graph(graph):
+                self._graph_step()
+        finally:
+            # The warm-up steps ran for real: put back the state and the random stream they used.
+            self.h.copy_(saved[0])
+            self.c.copy_(saved[1])
+            self._feed_token.copy_(saved[2])
+            generator.set_state(saved[3])
+        self._graph = graph
+
     def _run_cuda_graph(self, out, start):
-        raise NotImplementedError
+        if self._graph is None:
+            try:
+                self._build_graph()
+            except RuntimeError as error:
+                warnings.warn(f"generate: CUDA graph capture failed ({error}); decoding step by "
+                              f"step instead", RuntimeWarning, stacklevel=3)
+                self.mode = "python"
+                self._graph = None
+                return self._run_python(out, start)
+        else:
+            self._feed_token.copy_(self.token.clamp_min(0))
+        index = start
+        while index < out.shape[1]:
+            count = min(self._GRAPH_HISTORY, out.shape[1] - index)
+            self._history_index.zero_()
+            for _ in range(count):
+                self._graph.replay()
+            out[:, index:index + count] = self._history[:, :count]
+            index += count
+        self.token = out[:, -1].clone()
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
