@@ -361,3 +361,36 @@ def test_cuda_graph_decode_matches_step_by_step():
     assert torch.equal(runs[0], runs[2]), "graph replays drew other numbers than eager steps"
     assert not torch.equal(runs[0], runs[3])
     assert len(set(runs[0][0, 200:].tolist())) > 3, "replays repeated the same draw"
+
+
+def _decode_op_args(model, batch=2, steps=3, temperature=0.7):
+    from fastlstm.lm.generate import _StepWeights
+    w = _StepWeights(model)
+    h = torch.randn(model.num_layers, batch, model.hidden_size)
+    return (torch.randint(0, model.vocab_size, (batch,)), h, torch.randn_like(h), w.embedding,
+            w.w_ih, w.w_hh, w.bias, w.head_weight, w.head_bias, temperature, 5, 0.9,
+            torch.Generator().manual_seed(0), steps)
+
+
+def test_decode_cpu_op_opcheck_and_errors():
+    op = _cpu_op()
+    if op is None:
+        pytest.skip("fastlstm._C with decode_cpu is not built here")
+    model = _model(layers=2)
+    # greedy: opcheck compares calls that share the generator, so the draws must not depend on it
+    torch.library.opcheck(op, _decode_op_args(model, temperature=0.0))
+    args = list(_decode_op_args(model))
+    tokens = op(*args)
+    assert tokens.shape == (2, 3) and tokens.dtype == torch.int64
+    bad_h = list(args)
+    bad_h[1] = torch.zeros(3, 2, model.hidden_size)
+    with pytest.raises(RuntimeError, match="h must be"):
+        op(*bad_h)
+    bad_token = list(args)
+    bad_token[0] = torch.tensor([0, model.vocab_size])
+    with pytest.raises(RuntimeError, match="outside the embedding"):
+        op(*bad_token)
+    bad_temperature = list(args)
+    bad_temperature[9] = -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        op(*bad_temperature)
