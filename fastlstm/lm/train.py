@@ -407,7 +407,6 @@ def _train(config, model, stream, verbose, dist_info, device):
         except ValueError:
             val_batches = None  # too little held-out text for one batch
 
-    torch.manual_seed(config.seed + dist_info.rank)
     if model is None:
         model_config = {"vocab_size": tokenizer.vocab_size, "embed_dim": config.embed_dim,
                         "hidden_size": config.hidden_size, "num_layers": config.num_layers,
