@@ -7,10 +7,12 @@ Environment flags (and nothing else) steer the build:
   MAX_JOBS             parallel compile jobs (ninja)
 Install with `pip install --no-build-isolation -e .` so the build uses the installed torch.
 """
-import glob
+import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -81,24 +83,129 @@ def _extensions():
         extension = cpp_extension.CppExtension(
             "fastlstm._C", cpp_sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
-    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [extension], {"build_ext": build}
+    if not with_cuda:
+        why = ("FASTLSTM_BUILD_CUDA=0" if mode == "0" else
+               "nvcc was not found" if not nvcc else f"torch {torch.__version__} is CPU-only")
+    elif not cu_sources:
+        why = "csrc/sources.txt lists no .cu source"
+    else:
+        why = None
+    return [extension], {"build_ext": _build_ext_class(cpp_extension, why)}
 
 
-ext_modules, cmdclass = _extensions()
+# ptxas -v prints, per kernel and architecture:
+#   ptxas info    : Compiling entry function '_Z...' for 'sm_90'
+#   ptxas info    : Function properties for _Z...
+#       0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+#   ptxas info    : Used 128 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
 
-setup(
-    name="fastlstm",
-    version="0.1.0",
-    description="Fused LSTM kernels (Triton, CUDA C++, C++) and recurrent language-model tooling "
-                "for PyTorch",
-    packages=find_packages(include=["fastlstm", "fastlstm.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"],
-                    "test": ["pytest", "hypothesis", "numpy", "scipy"],
-                    "bench": ["pytest-benchmark", "matplotlib"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fastlstm=fastlstm.cli:main"]},
-)
+
+def parse_ptxas_report(text):
+    """Kernel resource usage from ptxas -v output: one dict per (kernel, architecture)."""
+    kernels, current = [], None
+    for line in text.splitlines():
+        entry = _ENTRY.search(line)
+        if entry:
+            current = {"kernel": entry.group(1), "arch": entry.group(2), "registers": None,
+                       "shared_bytes": 0, "stack_frame_bytes": 0, "spill_store_bytes": 0,
+                       "spill_load_bytes": 0}
+            kernels.append(current)
+            continue
+        if current is None:
+            continue
+        frame = _FRAME.search(line)
+        if frame:
+            current["stack_frame_bytes"] = int(frame.group(1))
+            current["spill_store_bytes"] = int(frame.group(2))
+            current["spill_load_bytes"] = int(frame.group(3))
+        used = _USED.search(line)
+        if used:
+            current["registers"] = int(used.group(1))
+            smem = _SMEM.search(line)
+            current["shared_bytes"] = int(smem.group(1)) if smem else 0
+    return kernels
+
+
+def _build_ext_class(cpp_extension, no_cuda_reason):
+    """BuildExtension that also writes the CUDA kernels' resource report next to fastlstm._C.
+
+    The report (_C.ptxas.json) comes from ptxas -v, which nvcc runs for every kernel and
+    architecture; ninja prints it on the build's standard output, which is captured here (and
+    still shown). A build without CUDA writes why, so tests can say so.
+    """
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtensionWithReport(base):
+        def build_extensions(self):
+            with tempfile.TemporaryFile(mode="w+b") as log:
+                sys.stdout.flush()
+                saved = os.dup(1)
+                os.dup2(log.fileno(), 1)
+                try:
+                    super().build_extensions()
+                finally:
+                    sys.stdout.flush()
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                    log.seek(0)
+                    text = log.read().decode("utf-8", "replace")
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            self._ptxas_text = text
+            for ext in self.extensions:
+                if ext.name == "fastlstm._C":
+                    self._write_report(os.path.dirname(self.get_ext_fullpath(ext.name)), text)
+
+        def copy_extensions_to_source(self):
+            # --inplace: setuptools builds in build/ and copies the .so back; the report follows.
+            super().copy_extensions_to_source()
+            self._write_report(os.path.join(ROOT, "fastlstm"), getattr(self, "_ptxas_text", ""))
+
+        def _write_report(self, directory, text):
+            path = os.path.join(directory, "_C.ptxas.json")
+            kernels = parse_ptxas_report(text)
+            if no_cuda_reason is None and not kernels and os.path.exists(path):
+                return  # ninja found nothing to recompile: the last report still holds
+            if no_cuda_reason is None and not kernels:
+                report = {"cuda": True, "kernels": [],
+                          "error": "no ptxas output was captured from the build"}
+            elif no_cuda_reason is None:
+                report = {"cuda": True, "kernels": kernels}
+            else:
+                report = {"cuda": False, "reason": no_cuda_reason, "kernels": []}
+            os.makedirs(directory, exist_ok=True)
+            with open(path, "w") as handle:
+                json.dump(report, handle, indent=1)
+            print(f"fastlstm: wrote the CUDA resource report {path}")
+
+    return BuildExtensionWithReport
+
+
+def main():
+    ext_modules, cmdclass = _extensions()
+
+    setup(
+        name="fastlstm",
+        version="0.1.0",
+        description="Fused LSTM kernels (Triton, CUDA C++, C++) and recurrent language-model tooling "
+                    "for PyTorch",
+        packages=find_packages(include=["fastlstm", "fastlstm.*"]),
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        extras_require={"triton": ["triton>=3.0"],
+                        "test": ["pytest", "hypothesis", "numpy", "scipy"],
+                        "bench": ["pytest-benchmark", "matplotlib"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        entry_points={"console_scripts": ["fastlstm=fastlstm.cli:main"]},
+    )
+
+
+# Guarded so tests can import this file for parse_ptxas_report; pip and `python setup.py` run it
+# as __main__.
+if __name__ == "__main__":
+    main()

@@ -95,6 +95,9 @@ def check_backend_name(backend: str) -> None:
             f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
 
 
+# torch.compile: the choice depends on the environment only (it imports modules and reads caches
+# that Dynamo cannot trace), so Dynamo runs it at trace time and keeps its result.
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device, dtype=None) -> str:
     """The backend that runs a call on `device`: `backend` itself, or the first available for auto."""
     device = torch.device(device)

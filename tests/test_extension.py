@@ -1,0 +1,325 @@
+"""The compiled extension's CPU ops: against the plain-torch specification, opcheck, gradcheck,
+nn.LSTM, torch.compile, and argument errors.
+
+The full module conformance grid (every backend) lives in tests/test_lstm.py.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+from fastlstm import _backends, _recurrence
+
+if _backends.extension() is None:
+    pytest.skip(f"fastlstm._C is not built: {_backends._import_extension()[1]}",
+                allow_module_level=True)
+
+from fastlstm import _extension  # noqa: E402
+
+forward_op = torch.ops.fastlstm.recurrence_forward
+backward_op = torch.ops.fastlstm.recurrence_backward
+
+# Absolute tolerances of the comparisons against the float64/float32 specification: the kernels
+# and the specification compute the same sums in a different order (and the CPU kernels' tanh is
+# written with exp), so float32 differs by rounding only.
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def _batch_sizes(lengths):
+    steps = max(lengths)
+    return torch.tensor([sum(length > t for length in lengths) for t in range(steps)],
+                        dtype=torch.int64)
+
+
+def _make_args(dtype, batch, steps, hidden, proj=0, packed=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    if packed:
+        lengths = sorted(torch.randint(1, steps + 1, (batch,), generator=generator).tolist(),
+                         reverse=True)
+        lengths[0] = steps
+        batch_sizes = _batch_sizes(lengths)
+        rows = int(batch_sizes.sum())
+    else:
+        batch_sizes = torch.empty(0, dtype=torch.int64)
+        rows = batch * steps
+    width = proj or hidden
+    xg = randn(rows, 4 * hidden)
+    h0 = randn(batch, width, scale=0.5)
+    c0 = randn(batch, hidden, scale=0.5)
+    w_hh = randn(4 * hidden, width, scale=width ** -0.5)
+    w_hr = randn(proj, hidden, scale=hidden ** -0.5) if proj else None
+    return xg, batch_sizes, h0, c0, w_hh, w_hr
+
+
+def _assert_close(actual, expected, atol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if actual.numel() == 0:
+        return
+    error = (actual.double() - expected.double()).abs()
+    worst = int(error.argmax())
+    assert error.max() <= atol, (
+        f"{what}: max abs error {error.max():.3e} > {atol:.1e} at flat index {worst} "
+        f"(got {actual.flatten()[worst]:.8g}, expected {expected.flatten()[worst]:.8g})")
+
+
+CASES = [
+    # batch, steps, hidden, proj, packed, reverse
+    (3, 5, 8, 0, False, False),
+    (3, 5, 8, 0, False, True),
+    (5, 7, 13, 0, True, False),
+    (5, 7, 13, 0, True, True),
+    (4, 6, 11, 5, False, False),
+    (4, 6, 11, 5, True, True),
+    (1, 9, 7, 0, False, False),   # B = 1
+    (6, 1, 9, 0, False, True),    # T = 1
+    (2, 4, 40, 3, False, True),   # H past one SIMD register, with a tail
+    (7, 5, 33, 0, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,steps,hidden,proj,packed,reverse", CASES)
+def test_ops_match_specification(dtype, batch, steps, hidden, proj, packed, reverse):
+    xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(dtype, batch, steps, hidden, proj, packed)
+    got = forward_op(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, True)
+    want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr,
+                                                    reverse, True)
+    for name, a, b in zip(("out", "h_n", "c_n", "gates", "cells"), got, want):
+        _assert_close(a, b, TOL[dtype], f"forward {name}")
+
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(got[0].shape, generator=generator, dtype=torch.float64).to(dtype)
+    grad_hn = torch.randn(got[1].shape, generator=generator, dtype=torch.float64).to(dtype)
+    grad_cn = torch.randn(got[2].shape, generator=generator, dtype=torch.float64).to(dtype)
+    gates, cells = want[3], want[4]
+    got_grads = backward_op(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells,
+                            reverse)
+    want_grads = _recurrence.reference_recurrence_backward(
+        grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, reverse)
+    for name, a, b in zip(("grad_xg", "grad_h0", "grad_c0", "grad_h_total"), got_grads,
+                          want_grads):
+        _assert_close(a, b, TOL[dtype], f"backward {name}")
+
+
+def test_save_false_keeps_nothing():
+    xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(torch.float32, 3, 4, 8)
+    out, h_n, c_n, gates, cells = forward_op(xg, batch_sizes, h0, c0, w_hh, w_hr, False, False)
+    assert gates.shape == (0, 32) and cells.shape == (0, 8)
+    want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, False,
+                                                    False)
+    _assert_close(out, want[0], TOL[torch.float32], "out")
+
+
+def test_inputs_are_not_modified():
+    args = _make_args(torch.float32, 3, 4, 8, proj=2)
+    copies = [a.clone() if a is not None else None for a in args]
+    out = forward_op(*args, False, True)
+    grads = [torch.ones_like(t) for t in out[:3]]
+    backward_op(*grads, args[1], args[3], args[4], args[5], out[3], out[4], False)
+    for before, after in zip(copies, args):
+        if before is not None:
+            assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_accumulates_in_float32(dtype):
+    xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(dtype, 4, 6, 12, proj=5, packed=True)
+    got = forward_op(xg, batch_sizes, h0, c0, w_hh, w_hr, True, True)
+    want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, True,
+                                                    True)
+    assert got[3].dtype == torch.float32 and got[4].dtype == torch.float32
+    # Both round h through `dtype` every step; what remains is float32 rounding, which can flip
+    # a rounding of h to `dtype` by one unit (2^-8 relative for bfloat16).
+    atol = 2 * torch.finfo(dtype).eps
+    for name, a, b in zip(("out", "h_n", "c_n", "gates", "cells"), got, want):
+        _assert_close(a, b, atol, f"forward {name}")
+    grad_out = torch.randn(got[0].shape).to(dtype)
+    grads = backward_op(grad_out, torch.zeros_like(got[1]), torch.zeros_like(got[2]), batch_sizes,
+                        c0, w_hh, w_hr, want[3], want[4], True)
+    want_grads = _recurrence.reference_recurrence_backward(
+        grad_out, torch.zeros_like(got[1]), torch.zeros_like(got[2]), batch_sizes, c0, w_hh, w_hr,
+        want[3], want[4], True)
+    for name, a, b in zip(("grad_xg", "grad_h0", "grad_c0", "grad_h_total"), grads, want_grads):
+        _assert_close(a, b, 4 * torch.finfo(dtype).eps, f"backward {name}")
+
+
+OPCHECK_CASES = [
+    (torch.float64, 3, 4, 5, 0, False, False),
+    (torch.float32, 4, 3, 6, 2, True, True),
+    (torch.float32, 1, 1, 3, 0, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype,batch,steps,hidden,proj,packed,reverse", OPCHECK_CASES)
+def test_opcheck_forward(dtype, batch, steps, hidden, proj, packed, reverse):
+    xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(dtype, batch, steps, hidden, proj, packed)
+    for tensor in (xg, h0, c0, w_hh, w_hr):
+        if tensor is not None:
+            tensor.requires_grad_(True)
+    torch.library.opcheck(forward_op, (xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, True))
+    torch.library.opcheck(forward_op, (xg.detach(), batch_sizes, h0.detach(), c0.detach(),
+                                       w_hh.detach(), None if w_hr is None else w_hr.detach(),
+                                       reverse, False))
+
+
+@pytest.mark.parametrize("dtype,batch,steps,hidden,proj,packed,reverse", OPCHECK_CASES)
+def test_opcheck_backward(dtype, batch, steps, hidden, proj, packed, reverse):
+    xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(dtype, batch, steps, hidden, proj, packed)
+    out, h_n, c_n, gates, cells = forward_op(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, True)
+    args = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), batch_sizes, c0,
+            w_hh, w_hr, gates, cells, reverse)
+    torch.library.opcheck(backward_op, args)
+
+
+@pytest.mark.parametrize("proj,bidirectional,packed", [(0, False, False), (3, True, False),
+                                                       (0, True, True)])
+def test_gradcheck_float64(proj, bidirectional, packed):
+    torch.manual_seed(0)
+    module = fastlstm.LSTM(3, 5, num_layers=2, proj_size=proj, bidirectional=bidirectional,
+                           backend="cpu", dtype=torch.float64)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in module.named_parameters()]
+
+    def run(x, *weights):
+        inp = pack_padded_sequence(x, [4, 3, 1]) if packed else x
+        out, (h, c) = torch.func.functional_call(module, dict(zip(names, weights)), (inp,))
+        return (out.data if packed else out), h, c
+
+    weights = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+    assert torch.autograd.gradcheck(run, (x, *weights))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_layers=2),
+    dict(num_layers=2, bidirectional=True, batch_first=True),
+    dict(proj_size=3),
+    dict(bias=False),
+])
+def test_module_matches_nn_lstm(kwargs):
+    torch.manual_seed(0)
+    ref = nn.LSTM(6, 7, **kwargs)
+    fast = fastlstm.LSTM(6, 7, backend="cpu", **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 6, requires_grad=True)
+    out_ref, (h_ref, c_ref) = ref(x)
+    out, (h, c) = fast(x)
+    for name, a, b in (("output", out, out_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
+        _assert_close(a, b, 1e-5, name)
+    weights = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad((out_ref * weights).sum() + h_ref.sum() + c_ref.sum(),
+                                    [x, *ref.parameters()])
+    grads = torch.autograd.grad((out * weights).sum() + h.sum() + c.sum(),
+                                [x, *fast.parameters()])
+    names = ["input"] + [n for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, grads, grads_ref):
+        _assert_close(a, b, 1e-4, f"grad {name}")
+
+
+def test_module_packed_matches_nn_lstm():
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    fast = fastlstm.LSTM(4, 6, num_layers=2, bidirectional=True, backend="cpu")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 4, 4)
+    lengths = [6, 5, 3, 1]
+    packed = pack_padded_sequence(x, lengths)
+    out_ref, (h_ref, c_ref) = ref(packed)
+    out, (h, c) = fast(packed)
+    _assert_close(out.data, out_ref.data, 1e-5, "output")
+    _assert_close(h, h_ref, 1e-5, "h_n")
+    _assert_close(c, c_ref, 1e-5, "c_n")
+
+
+def test_auto_backend_is_cpu():
+    assert _backends.resolve("auto", "cpu", torch.float32) == "cpu"
+    assert "cpu" in fastlstm.available_backends("cpu")
+    assert _extension.has_cuda() in (True, False)
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = fastlstm.LSTM(5, 8, num_layers=2, batch_first=True, backend="cpu")
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out, (h, _c) = self.lstm(x)
+        return self.head(out).sum() + h.sum()
+
+
+# Dynamo refuses every instance of nn.LSTM (fastlstm.LSTM is one) unless allow_rnn is set; with
+# it, Dynamo traces fastlstm.LSTM.forward, whose recurrence is one custom op per layer.
+@torch._dynamo.config.patch(allow_rnn=True)
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = _Model()
+    x = torch.randn(2, 4, 5)
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    result = compiled(x)
+    grads = torch.autograd.grad(result, list(model.parameters()))
+    _assert_close(result, eager, 1e-6, "compiled loss")
+    for a, b in zip(grads, eager_grads):
+        _assert_close(a, b, 1e-6, "compiled grad")
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# ---- bad arguments: a clear error naming the tensor, before any memory is touched ------------
+
+def _good_args():
+    return list(_make_args(torch.float32, 3, 4, 8, proj=2)) + [False, True]
+
+
+@pytest.mark.parametrize("index,replacement,message", [
+    (0, torch.zeros(12, 31), "xg must have shape [N, 4*hidden]"),
+    (0, torch.zeros(12, 32, dtype=torch.int32), "xg must be float32, float64"),
+    (0, torch.zeros(32, 12).t(), "xg must be contiguous"),
+    (2, torch.zeros(3, 8), "h0 must have shape [B, P]"),
+    (2, torch.zeros(3, 2, dtype=torch.float64), "h0 must have dtype Float"),
+    (3, torch.zeros(2, 8), "h0 must have shape [B, P]"),
+    (4, torch.zeros(32, 8), "w_hh must have shape [4*hidden, P]"),
+    (5, torch.zeros(2, 7), "w_hr must have shape [P, hidden]"),
+    (1, torch.tensor([3, 3, 4, 2]), "batch_sizes[2] = 4 must be in [1, B]"),
+    (1, torch.tensor([3, 2, 3, 1]), "batch_sizes must not increase"),
+    (1, torch.tensor([3, 3, 3, 2]), "batch_sizes sum to 11"),
+    (1, torch.tensor([3.0, 3.0, 3.0, 3.0]), "batch_sizes must have dtype int64"),
+])
+def test_forward_bad_arguments(index, replacement, message):
+    args = _good_args()
+    args[index] = replacement
+    with pytest.raises(RuntimeError, match=_escape(message)):
+        forward_op(*args)
+
+
+def test_backward_bad_arguments():
+    xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(torch.float32, 3, 4, 8)
+    out, h_n, c_n, gates, cells = forward_op(xg, batch_sizes, h0, c0, w_hh, w_hr, False, True)
+    good = [torch.zeros_like(out), torch.zeros_like(h_n), torch.zeros_like(c_n), batch_sizes, c0,
+            w_hh, w_hr, gates, cells, False]
+    cases = [
+        (0, torch.zeros(11, 8), "grad_out must have shape [N, P]"),
+        (1, torch.zeros(3, 9), "grad_hn must have shape [B, P]"),
+        (2, torch.zeros(3, 8, dtype=torch.float64), "grad_cn must have dtype Float"),
+        (7, torch.zeros(0, 32), "the forward was run with save=False"),
+        (7, gates.double(), "gates must have dtype Float"),
+        (8, torch.zeros(12, 9), "cells must have shape [N, hidden]"),
+    ]
+    for index, replacement, message in cases:
+        args = list(good)
+        args[index] = replacement
+        with pytest.raises(RuntimeError, match=_escape(message)):
+            backward_op(*args)
+
+
+def _escape(text):
+    import re
+    return re.escape(text)
