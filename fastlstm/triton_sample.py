@@ -155,7 +155,9 @@ def _mass_at_least(row_ptr, row_inside, vocab, threshold_key, row_max, inv_t,
         if COUNT:
             total += tl.sum(kept.to(tl.float32), axis=1)
         else:
-            weight = tl.exp((z - row_max[:, None]) * inv_t[:, None])
+            # Rows past the end (and all -inf rows, an error anyway) have max -inf: shift by 0.
+            shift = tl.where(row_max > -float("inf"), row_max, 0.0)
+            weight = tl.exp((z - shift[:, None]) * inv_t[:, None])
             total += tl.sum(tl.where(kept, weight, 0.0), axis=1)
     return total
 
