@@ -125,6 +125,8 @@ def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: floa
     elif name == "triton":
         from .triton_sample import triton_sample
         tokens = triton_sample(logits, temperature, top_k, float(top_p), generator)
+        if logits.device.type == "cpu":  # no device to wait for: raise now, as the cpu backend
+            check_tokens(tokens, logits, temperature)
     else:
         tokens = sample_reference(logits, temperature, top_k=top_k, top_p=top_p,
                                   generator=generator)
