@@ -1,10 +1,11 @@
 """fastlstm: fused LSTM kernels and tooling for recurrent language models in PyTorch."""
 from ._backends import available_backends
 from .modules import LSTM, LSTMCell, convert
+from .sampling import Sampler, sample
 from . import _dynamo_support
 
 _dynamo_support.install()
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "LSTMCell", "convert", "available_backends", "__version__"]
+__all__ = ["LSTM", "LSTMCell", "convert", "available_backends", "sample", "Sampler", "__version__"]

@@ -1,0 +1,321 @@
+"""fastlstm.sample: drawn frequencies against softmax(z / T) in float64 (chi-square), top-k/top-p
+support, masked tokens, greedy rows, generator reproducibility and every bad input, per backend."""
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import fastlstm
+from fastlstm import sampling
+from fastlstm._backends import why_unavailable
+
+DRAWS = 20000
+# Every test uses a fixed generator seed, so a pass or a failure is reproducible; 1e-4 keeps the
+# chance that a correct sampler fails any one of these tests below 1 in 10,000.
+P_VALUE_FLOOR = 1e-4
+
+CPU_BACKENDS = [name for name in ("torch", "cpu", "triton") if why_unavailable(name, "cpu") is None]
+
+
+def chi_square_p_value(tokens, probs):
+    """p-value of the drawn tokens against probs (float64); bins expected < 5 are pooled."""
+    counts = torch.bincount(tokens.flatten().cpu(), minlength=probs.numel()).double()
+    expected = probs.double().cpu() * tokens.numel()
+    assert counts[expected == 0].sum() == 0, (
+        f"tokens of probability 0 drawn: {torch.nonzero((expected == 0) & (counts > 0)).flatten()}")
+    big = expected >= 5
+    observed_bins = torch.cat([counts[big], counts[~big & (expected > 0)].sum().reshape(1)])
+    expected_bins = torch.cat([expected[big], expected[~big & (expected > 0)].sum().reshape(1)])
+    if expected_bins[-1] == 0:
+        observed_bins, expected_bins = observed_bins[:-1], expected_bins[:-1]
+    statistic = float(((observed_bins - expected_bins) ** 2 / expected_bins).sum())
+    return float(stats.chi2.sf(statistic, max(1, observed_bins.numel() - 1)))
+
+
+def reference_probs(z, temperature, top_k=0, top_p=1.0):
+    """softmax(z / T) in float64 with top-k (ties with the k-th kept) and top-p, renormalized."""
+    scaled = z.double() / temperature
+    probs = torch.softmax(scaled, -1)
+    if top_k:
+        kth = torch.topk(scaled, top_k).values[-1]
+        probs = torch.where(scaled >= kth, probs, 0.0)
+    if top_p < 1.0:
+        order = torch.argsort(probs, descending=True)
+        sorted_probs = probs[order]
+        before = torch.cumsum(sorted_probs, 0) - sorted_probs
+        kept = order[before < top_p * probs.sum()]
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        mask[kept] = True
+        probs = torch.where(mask, probs, 0.0)
+    return probs / probs.sum()
+
+
+def make_logits(vocab, seed, masked=3):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(vocab, generator=generator, dtype=torch.float64) * 1.5
+    z[torch.randperm(vocab, generator=generator)[:masked]] = -math.inf
+    return z
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("vocab, temperatures", [(37, [0.5, 1.0, 2.0]), (1500, [1.0])])
+def test_distribution_over_temperatures(backend, vocab, temperatures):
+    """One call draws DRAWS rows at each temperature (a per-row temperature tensor); V = 1500
+    spans several blocks of the CPU kernel and several programs per row in Triton."""
+    z = make_logits(vocab, seed=vocab)
+    logits = z.float().expand(DRAWS * len(temperatures), vocab).contiguous()
+    temperature = torch.tensor(temperatures).repeat_interleave(DRAWS)
+    tokens = fastlstm.sample(logits, temperature, backend=backend,
+                             generator=torch.Generator().manual_seed(1))
+    assert tokens.dtype == torch.int64 and tokens.shape == (DRAWS * len(temperatures),)
+    for index, t in enumerate(temperatures):
+        drawn = tokens[index * DRAWS:(index + 1) * DRAWS]
+        p = chi_square_p_value(drawn, reference_probs(z.float().double(), t))
+        assert p > P_VALUE_FLOOR, f"{backend}, V={vocab}, T={t}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.7), (12, 0.8)])
+def test_distribution_top_k_top_p(backend, top_k, top_p):
+    vocab = 40
+    z = make_logits(vocab, seed=7)
+    logits = z.float().expand(DRAWS, vocab).contiguous()
+    tokens = fastlstm.sample(logits, 0.8, top_k=top_k, top_p=top_p, backend=backend,
+                             generator=torch.Generator().manual_seed(2))
+    probs = reference_probs(z.float().double(), 0.8, top_k, top_p)
+    p = chi_square_p_value(tokens, probs)
+    assert p > P_VALUE_FLOOR, f"{backend}, top_k={top_k}, top_p={top_p}: chi-square p = {p:.2e}"
+    assert set(tokens.unique().tolist()) <= set(torch.nonzero(probs).flatten().tolist())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_distribution_low_precision(backend, dtype):
+    vocab = 50
+    z = make_logits(vocab, seed=11).to(dtype)
+    logits = z.expand(DRAWS, vocab).contiguous()
+    tokens = fastlstm.sample(logits, 1.3, backend=backend,
+                             generator=torch.Generator().manual_seed(3))
+    p = chi_square_p_value(tokens, reference_probs(z.double(), 1.3))
+    assert p > P_VALUE_FLOOR, f"{backend}, {dtype}: chi-square p = {p:.2e}"
+
+
+def test_chi_square_rejects_a_wrong_distribution():
+    """The check has power: draws at T = 1 judged against softmax(z / 0.8) fail it."""
+    z = make_logits(37, seed=37)
+    logits = z.float().expand(DRAWS, 37).contiguous()
+    tokens = fastlstm.sample(logits, 1.0, backend="torch",
+                             generator=torch.Generator().manual_seed(4))
+    assert chi_square_p_value(tokens, reference_probs(z, 0.8)) < P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_greedy_rows_equal_argmax(backend):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 300, generator=generator)
+    logits[2, 10] = logits[2, 200] = logits[2].max() + 1  # a tie: the first index wins
+    logits[5, :100] = -math.inf
+    temperature = torch.rand(64, generator=generator) + 0.5
+    temperature[::2] = 0.0
+    tokens = fastlstm.sample(logits, temperature, backend=backend, generator=generator)
+    greedy = logits.argmax(-1)
+    assert torch.equal(tokens[::2], greedy[::2])
+    assert tokens[2] == 10
+    assert torch.equal(fastlstm.sample(logits, 0.0, top_k=3, top_p=0.5, backend=backend), greedy)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = logits.to(dtype)
+        assert torch.equal(fastlstm.sample(low, 0.0, backend=backend), low.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_masked_tokens_never_drawn(backend):
+    logits = torch.full((4000, 20), -math.inf)
+    logits[:, 7] = -30.0  # tiny logits, still the only finite tokens
+    logits[:, 13] = -31.0
+    tokens = fastlstm.sample(logits, 5.0, backend=backend)
+    assert set(tokens.unique().tolist()) <= {7, 13}
+    assert set(fastlstm.sample(logits, 5.0, top_k=1, backend=backend).unique().tolist()) == {7}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_generator_reproducible_and_advanced(backend):
+    logits = torch.randn(2, 3, 500)
+    generator = torch.Generator().manual_seed(123)
+    state = generator.get_state()
+    first = fastlstm.sample(logits, 1.0, generator=generator, backend=backend)
+    assert first.shape == (2, 3)
+    assert not torch.equal(generator.get_state(), state), "the generator was not advanced"
+    second = fastlstm.sample(logits, 1.0, generator=generator, backend=backend)
+    generator.set_state(state)
+    assert torch.equal(fastlstm.sample(logits, 1.0, generator=generator, backend=backend), first)
+    many = torch.stack([fastlstm.sample(logits, 1.0, generator=generator, backend=backend)
+                        for _ in range(3)])
+    assert not torch.equal(first, second) or not torch.equal(many[1], many[2])
+    torch.manual_seed(9)
+    default_first = fastlstm.sample(logits, 1.0, backend=backend)
+    torch.manual_seed(9)
+    assert torch.equal(fastlstm.sample(logits, 1.0, backend=backend), default_first)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_input(backend):
+    good = torch.randn(3, 10)
+
+    def call(logits=good, temperature=1.0, **kwargs):
+        return fastlstm.sample(logits, temperature, backend=backend, **kwargs)
+
+    nan = good.clone()
+    nan[1, 4] = math.nan
+    with pytest.raises(ValueError, match="row 1 contains NaN"):
+        call(nan)
+    with pytest.raises(ValueError, match="row 1 contains NaN"):
+        call(nan, 0.0)
+    all_masked = good.clone()
+    all_masked[2] = -math.inf
+    with pytest.raises(ValueError, match="row 2 is all -inf"):
+        call(all_masked)
+    with pytest.raises(ValueError, match="row 2 is all -inf"):
+        call(all_masked, top_k=2, top_p=0.5)
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        call(temperature=-0.5)
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        call(temperature=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"temperature: expected a float or a tensor of shape \(3,\)"):
+        call(temperature=torch.ones(4))
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        call(top_k=-1)
+    for top_p in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+            call(top_p=top_p)
+    with pytest.raises(ValueError, match="logits must be float32, float16 or bfloat16"):
+        call(torch.randint(0, 5, (3, 10)))
+    with pytest.raises(ValueError, match="vocab > 0"):
+        call(torch.randn(3, 0))
+
+
+def test_kernel_backends_reject_float64():
+    for backend in CPU_BACKENDS:
+        if backend != "torch":
+            with pytest.raises(ValueError, match="got float64"):
+                fastlstm.sample(torch.randn(2, 5, dtype=torch.float64), backend=backend)
+    assert fastlstm.sample(torch.randn(2, 5, dtype=torch.float64)).shape == (2,)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        fastlstm.sample(torch.randn(2, 5), backend="tpu")
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="fastlstm._C is not built")
+def test_cpu_op_checks_and_compiles():
+    op = torch.ops.fastlstm.sample.default
+    torch.library.opcheck(op, (torch.randn(4, 33), None, 0.7, 0, 1.0, None),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    torch.library.opcheck(op, (torch.randn(2, 3, 33).half(), torch.rand(2, 3), 1.0, 4, 0.9, None),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+    def step(logits):
+        return fastlstm.sample(logits, 0.0, backend="cpu")
+
+    logits = torch.randn(5, 40)
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(logits), logits.argmax(-1))
+
+
+def test_sampler_module():
+    sampler = fastlstm.Sampler(temperature=0.0, top_k=3)
+    logits = torch.randn(6, 20)
+    assert torch.equal(sampler(logits), logits.argmax(-1))
+    assert "top_k=3" in repr(sampler)
+    with pytest.raises(ValueError, match="top_p"):
+        fastlstm.Sampler(top_p=2.0)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="fastlstm._C is not built")
+def test_cpu_long_rows():
+    """Rows longer than the kernel's block, half-masked, in float32 and bfloat16."""
+    vocab = 262144
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, vocab, generator=generator)
+    logits[:, ::2] = -math.inf
+    for dtype in (torch.float32, torch.bfloat16):
+        tokens = fastlstm.sample(logits.to(dtype), 1.0, backend="cpu", generator=generator)
+        assert bool((tokens % 2 == 1).all()) and bool((tokens < vocab).all())
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+CUDA_BACKENDS = ["cuda", "triton"]
+
+
+def _cuda_backend_or_skip(backend):
+    reason = why_unavailable(backend, "cuda") if torch.cuda.is_available() else "no GPU"
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab, top_k, top_p", [(37, 0, 1.0), (50000, 0, 1.0), (37, 6, 1.0),
+                                                 (37, 0, 0.6), (300, 20, 0.9)])
+def test_cuda_distribution(backend, dtype, vocab, top_k, top_p):
+    _cuda_backend_or_skip(backend)
+    z = make_logits(vocab, seed=vocab).to(dtype)
+    temperatures = [0.0, 0.6, 1.7]
+    logits = z.cuda().expand(DRAWS * len(temperatures), vocab).contiguous()
+    temperature = torch.tensor(temperatures, device="cuda").repeat_interleave(DRAWS)
+    tokens = fastlstm.sample(logits, temperature, top_k=top_k, top_p=top_p, backend=backend,
+                             generator=torch.Generator("cuda").manual_seed(8), check=True).cpu()
+    assert bool((tokens[:DRAWS] == z.argmax()).all())
+    for index, t in enumerate(temperatures[1:], start=1):
+        drawn = tokens[index * DRAWS:(index + 1) * DRAWS]
+        p = chi_square_p_value(drawn, reference_probs(z.double(), t, top_k, top_p))
+        assert p > P_VALUE_FLOOR, f"{backend}, {dtype}, V={vocab}, T={t}: p = {p:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_generator_and_errors(backend):
+    _cuda_backend_or_skip(backend)
+    logits = torch.randn(8, 1000, device="cuda")
+    generator = torch.Generator("cuda").manual_seed(1)
+    state = generator.get_state()
+    first = fastlstm.sample(logits, 1.0, generator=generator, backend=backend)
+    second = fastlstm.sample(logits, 1.0, generator=generator, backend=backend)
+    generator.set_state(state)
+    assert torch.equal(fastlstm.sample(logits, 1.0, generator=generator, backend=backend), first)
+    assert not torch.equal(first, second)
+    bad = logits.clone()
+    bad[3, 5] = math.nan
+    tokens = fastlstm.sample(bad, 1.0, backend=backend)  # no synchronization here
+    assert int(tokens[3]) == -1
+    with pytest.raises(ValueError, match="row 3 contains NaN"):
+        sampling.check_tokens(tokens, bad)
+    with pytest.raises(ValueError, match="row 3 contains NaN"):
+        fastlstm.sample(bad, 1.0, backend=backend, check=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_graph_replay_draws_fresh_tokens(backend):
+    _cuda_backend_or_skip(backend)
+    logits = torch.zeros(16, 4096, device="cuda")  # uniform: repeats would be a coincidence
+    fastlstm.sample(logits, 1.0, backend=backend)  # compile / warm up outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fastlstm.sample(logits, 1.0, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = fastlstm.sample(logits, 1.0, backend=backend)
+    draws = []
+    for _ in range(3):
+        graph.replay()
+        draws.append(tokens.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
