@@ -37,6 +37,12 @@ def _check_same_device(input, tensors, what):
                 f"{input.device} and {what} tensor at {tensor.device}")
 
 
+# The backend choice is plain Python (imports, availability probes) that depends only on the
+# backend name, device and dtype, all of which torch.compile already guards on; evaluating it
+# once while tracing keeps fastlstm.LSTM inside one graph.
+_resolve_backend = torch.compiler.assume_constant_result(_backends.resolve)
+
+
 def _bypass_fused() -> bool:
     """Exporters and TorchScript tracing see nn.LSTM's own graph."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -148,7 +154,7 @@ class LSTM(nn.LSTM):
                         f"LSTM: hx[{index}] has dtype {tensor.dtype} but input has dtype "
                         f"{input.dtype}; they must match")
 
-        backend = _backends.resolve(self.backend, input.device, input.dtype)
+        backend = _resolve_backend(self.backend, input.device, input.dtype)
         with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
             if batch_sizes is None:
                 steps_first = input.transpose(0, 1) if self.batch_first else input
@@ -236,7 +242,13 @@ class LSTMCell(nn.LSTMCell):
         _check_same_device(input, weights, "parameter")
         autocast_dtype = _autocast_dtype(input.device.type)
         if autocast_dtype is not None and input.is_floating_point():
-            cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
+            run_dtype = autocast_dtype
+            if input.device.type != "cuda":
+                # Only CUDA autocast lists lstm_cell as a low-precision op. Elsewhere (the CPU)
+                # nn.LSTMCell runs its composite: gates in the autocast dtype, then the cell update
+                # with c_0, so h' and c' come out in promote(autocast dtype, c_0 dtype).
+                run_dtype = torch.promote_types(autocast_dtype, hx[1].dtype)
+            cast = lambda t: None if t is None else t.to(run_dtype)  # noqa: E731
             input, hx, weights = cast(input), (cast(hx[0]), cast(hx[1])), tuple(
                 cast(w) for w in weights)
         else:
@@ -247,7 +259,7 @@ class LSTMCell(nn.LSTMCell):
                 if weights[0].dtype != input.dtype:
                     raise RuntimeError(f"LSTMCell: input has dtype {input.dtype} but weight_ih "
                                        f"has dtype {weights[0].dtype}; they must match")
-        backend = _backends.resolve(self.backend, input.device, input.dtype)
+        backend = _resolve_backend(self.backend, input.device, input.dtype)
         run_layer = layer_function(backend)
         with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
             _out, h, c = run_layer(input, None, hx[0], hx[1], *weights, reverse=False)
