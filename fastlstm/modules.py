@@ -113,6 +113,9 @@ class LSTM(nn.LSTM):
                 input = input.unsqueeze(batch_dim)
             max_batch_size = input.size(0) if self.batch_first else input.size(1)
             sorted_indices = unsorted_indices = None
+            if input.size(1 if self.batch_first else 0) == 0:
+                # nn.LSTM's error, raised by its kernel, for an empty time dimension.
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         if hx is None:
             shape = (self.num_layers * num_directions, max_batch_size)
@@ -120,7 +123,9 @@ class LSTM(nn.LSTM):
                   torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device))
             self.check_forward_args(input, hx, batch_sizes)
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            # A bare tensor is indexed as nn.LSTM indexes it (hx[0], hx[1]), so it fails with
+            # nn.LSTM's error types (IndexError, or the 3-D check below).
+            if isinstance(hx, (tuple, list)) and len(hx) != 2:
                 raise RuntimeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
             if batch_sizes is None:
                 if is_batched:
