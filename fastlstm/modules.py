@@ -113,9 +113,6 @@ class LSTM(nn.LSTM):
                 input = input.unsqueeze(batch_dim)
             max_batch_size = input.size(0) if self.batch_first else input.size(1)
             sorted_indices = unsorted_indices = None
-            if input.size(1 if self.batch_first else 0) == 0:
-                # nn.LSTM's error, raised by its kernel, for an empty time dimension.
-                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         if hx is None:
             shape = (self.num_layers * num_directions, max_batch_size)
@@ -142,6 +139,9 @@ class LSTM(nn.LSTM):
             self.check_forward_args(input, hx, batch_sizes)
             hx = self.permute_hidden(hx, sorted_indices)
 
+        if batch_sizes is None and input.size(1 if self.batch_first else 0) == 0:
+            # nn.LSTM's error, raised by its kernel after the argument checks above.
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         weights = self._layer_weights()
         _check_same_device(input, hx, "hidden")
         _check_same_device(input, [w for ws in weights for w in ws], "parameter")
