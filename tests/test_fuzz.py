@@ -394,3 +394,134 @@ def test_invalid_cell_inputs_fail_like_nn_lstm_cell(backend, case):
         _compare_runs(reference, fast, make_args, _tolerance(torch.float32), label=case)
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused backends' ops themselves: every bad argument is rejected before memory is touched
+# ---------------------------------------------------------------------------------------------
+
+OP_MUTATIONS = [
+    "xg_width", "xg_rows", "xg_1d", "xg_dtype", "h0_batch", "h0_width", "c0_width", "c0_batch",
+    "w_hh_shape", "w_hr_shape", "batch_sizes_increase",
+    "batch_sizes_sum", "batch_sizes_first_above_batch", "batch_sizes_negative",
+    "batch_sizes_float", "batch_sizes_2d", "h0_dtype", "w_hh_dtype",
+]
+
+
+def _op_args(steps, batch, hidden, proj, packed, generator):
+    """Valid arguments of recurrence_forward (see fastlstm/_recurrence.py)."""
+    real = proj or hidden
+    if packed:
+        lengths = sorted(torch.randint(1, steps + 1, (batch,), generator=generator).tolist(),
+                         reverse=True)
+        lengths[0] = steps
+        batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(steps)],
+                                   dtype=torch.int64)
+        rows = int(batch_sizes.sum())
+    else:
+        batch_sizes = torch.empty(0, dtype=torch.int64)
+        rows = steps * batch
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator) * 0.5
+
+    return dict(xg=randn(rows, 4 * hidden), batch_sizes=batch_sizes, h0=randn(batch, real),
+                c0=randn(batch, hidden), w_hh=randn(4 * hidden, real),
+                w_hr=randn(proj, hidden) if proj else None, reverse=False, save=True)
+
+
+def _mutate(args, mutation):
+    args = dict(args)
+    rows, gates = args["xg"].shape
+    batch, real = args["h0"].shape
+    hidden = args["c0"].shape[1]
+    if mutation == "xg_width":
+        args["xg"] = torch.zeros(rows, gates + 1)
+    elif mutation == "xg_rows":
+        args["xg"] = torch.zeros(rows + 1, gates)
+    elif mutation == "xg_1d":
+        args["xg"] = args["xg"].reshape(-1)
+    elif mutation == "xg_dtype":
+        args["xg"] = args["xg"].double()
+    elif mutation == "h0_batch":
+        args["h0"] = torch.zeros(batch + 1, real)
+    elif mutation == "h0_width":
+        args["h0"] = torch.zeros(batch, real + 1)
+    elif mutation == "c0_width":
+        args["c0"] = torch.zeros(batch, hidden + 1)
+    elif mutation == "c0_batch":
+        args["c0"] = torch.zeros(batch + 1, hidden)
+    elif mutation == "w_hh_shape":
+        args["w_hh"] = torch.zeros(4 * hidden, real + 1)
+    elif mutation == "w_hr_shape":
+        args["w_hr"] = torch.zeros(real + 1, hidden)
+    elif mutation == "batch_sizes_increase":
+        args["batch_sizes"] = torch.tensor([1] * (rows - batch) + [batch], dtype=torch.int64) \
+            if rows > batch else torch.tensor([batch - 1, batch], dtype=torch.int64)
+    elif mutation == "batch_sizes_sum":
+        sizes = args["batch_sizes"] if args["batch_sizes"].numel() else torch.full(
+            (rows // batch,), batch, dtype=torch.int64)
+        args["batch_sizes"] = torch.cat([sizes, torch.ones(1, dtype=torch.int64)])
+    elif mutation == "batch_sizes_first_above_batch":
+        args["batch_sizes"] = torch.tensor([batch + 1] + [1] * max(rows - batch - 1, 0),
+                                           dtype=torch.int64)
+    elif mutation == "batch_sizes_negative":
+        args["batch_sizes"] = torch.tensor([batch, -1, 1], dtype=torch.int64)
+    elif mutation == "batch_sizes_float":
+        args["batch_sizes"] = torch.full((rows // batch,), float(batch))
+    elif mutation == "batch_sizes_2d":
+        args["batch_sizes"] = torch.full((1, rows // batch), batch, dtype=torch.int64)
+    elif mutation == "h0_dtype":
+        args["h0"] = args["h0"].double()
+    elif mutation == "w_hh_dtype":
+        args["w_hh"] = args["w_hh"].double()
+    else:
+        raise AssertionError(mutation)
+    return args
+
+
+def _fused_forward_op(backend):
+    if backend == "triton":
+        from fastlstm import triton_lstm as module
+    else:
+        from fastlstm import _extension as module
+    return module.recurrence_forward
+
+
+def _call(op, args):
+    return op(args["xg"], args["batch_sizes"], args["h0"], args["c0"], args["w_hh"],
+              args["w_hr"], args["reverse"], args["save"])
+
+
+def test_op_fuzz_baseline_is_valid():
+    """The unmutated arguments are valid: the specification runs them."""
+    from fastlstm._recurrence import reference_recurrence_forward
+    generator = torch.Generator().manual_seed(0)
+    for packed in (False, True):
+        for proj in (0, 2):
+            args = _op_args(3, 2, 4, proj, packed, generator)
+            out, h_n, c_n, gates, cells = _call(reference_recurrence_forward, args)
+            assert out.shape == (args["xg"].shape[0], proj or 4)
+
+
+@pytest.mark.parametrize("mutation", OP_MUTATIONS)
+@pytest.mark.parametrize("backend", [b for b in _backends_for("cpu") if b.values[0] != "torch"])
+def test_fused_op_rejects_bad_arguments(backend, mutation):
+    op = _fused_forward_op(backend)
+    max_size = _MAX_SIZE[backend]
+
+    @settings(max_examples=3, **_SETTINGS)
+    @given(steps=st.integers(1, max_size), batch=st.integers(1, 3),
+           hidden=st.integers(1, max_size), packed=st.booleans(), with_proj=st.booleans(),
+           seed=st.integers(0, 2 ** 16))
+    def check(steps, batch, hidden, packed, with_proj, seed):
+        proj = max(hidden - 1, 1) if with_proj or mutation == "w_hr_shape" else 0
+        if mutation in ("xg_rows", "batch_sizes_increase"):
+            # One more dense row is one more step when batch == 1, and equal batch sizes of 1
+            # never increase: both need batch >= 2 to be invalid.
+            batch = max(batch, 2)
+        args = _op_args(steps, batch, hidden, proj, packed, torch.Generator().manual_seed(seed))
+        with pytest.raises((RuntimeError, ValueError, TypeError, IndexError)):
+            _call(op, _mutate(args, mutation))
+
+    check()
