@@ -239,3 +239,19 @@ def test_lstm_model_fullgraph_cuda(backend):
         compiled(torch.randn(4, steps, 16, device="cuda"))
     expected = 4 if backend == "torch" else 1
     assert counter.frame_count == expected
+
+
+def test_backend_change_after_compile_is_seen():
+    """The backend choice is a compile-time constant guarded on the module's `backend`:
+    changing it recompiles (here to a backend that cannot run, which must raise)."""
+    model = fastlstm.LSTM(3, 4, backend="torch")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 1, 3)
+    torch.testing.assert_close(compiled(x)[0], model(x)[0])
+    unavailable = [name for name in ("cuda", "cpu", "triton")
+                   if name not in fastlstm.available_backends("cpu")]
+    if not unavailable:
+        pytest.skip("every backend runs on the CPU here")
+    model.backend = unavailable[0]
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        compiled(x)
