@@ -217,7 +217,6 @@ def test_sample_fullgraph():
 def test_language_model_fullgraph():
     lm = pytest.importorskip("fastlstm.lm", reason="fastlstm.lm is not part of this build")
     model = lm.LSTMLanguageModel(vocab_size=13, embed_dim=5, hidden_size=6, num_layers=2)
-    model.lstm.backend = "torch"
     ids = torch.randint(0, 13, (2, 4))
     logits, (h, c) = model(ids)
     compiled_logits, (compiled_h, compiled_c) = torch.compile(

@@ -39,7 +39,9 @@ _SETTINGS = dict(deadline=None, derandomize=True, database=None,
 
 
 def _dtype(backend):
-    return torch.float64 if _backends.supports_dtype(backend, "cpu", torch.float64) else torch.float32
+    if _backends.supports_dtype(backend, "cpu", torch.float64):
+        return torch.float64
+    return torch.float32
 
 
 def _tolerance(dtype):
@@ -100,11 +102,13 @@ def _compare_runs(reference, fast, make_args, tolerance, label=""):
         outcomes.append(("returned", [o.detach() for o in _leaves(result)], None, grads))
     (ref_kind, ref_value, ref_error, ref_grads), (kind, value, error, grads) = outcomes
     if ref_kind == "raised":
-        assert kind == "raised", f"{label}: nn.LSTM raised {ref_value.__name__}: {ref_error}; fastlstm returned"
+        assert kind == "raised", (
+            f"{label}: nn.LSTM raised {ref_value.__name__}: {ref_error}; fastlstm returned")
         assert value is ref_value, (f"{label}: nn.LSTM raised {ref_value.__name__} ({ref_error}); "
                                     f"fastlstm raised {value.__name__} ({error})")
         return "raised"
-    assert kind == "returned", f"{label}: nn.LSTM returned; fastlstm raised {value.__name__}: {error}"
+    assert kind == "returned", (
+        f"{label}: nn.LSTM returned; fastlstm raised {value.__name__}: {error}")
     assert len(value) == len(ref_value)
     for index, (a, b) in enumerate(zip(ref_value, value)):
         assert a.shape == b.shape and a.dtype == b.dtype, (index, a.shape, b.shape)
