@@ -1,6 +1,9 @@
 """fastlstm: fused LSTM kernels and tooling for recurrent language models in PyTorch."""
 from ._backends import available_backends
 from .modules import LSTM, LSTMCell, convert
+from . import _dynamo_support
+
+_dynamo_support.install()
 
 __version__ = "0.1.0"
 

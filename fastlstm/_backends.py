@@ -42,6 +42,10 @@ def _triton_importable():
         import triton  # noqa: F401
     except ImportError as error:
         return False, f"triton is not installed ({error})"
+    try:
+        importlib.import_module("fastlstm.triton_lstm")
+    except ImportError as error:
+        return False, f"fastlstm's Triton kernels could not be imported ({error})"
     return True, ""
 
 
@@ -93,6 +97,15 @@ def check_backend_name(backend: str) -> None:
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(
             f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def _resolve_for_trace(backend, device, dtype):
+    return resolve(backend, device, dtype)
+
+
+# Availability is fixed for the life of a process: under torch.compile the choice is made once, at
+# trace time, and becomes a constant of the graph (no import machinery is traced).
+resolve_constant = torch.compiler.assume_constant_result(_resolve_for_trace)
 
 
 def resolve(backend: str, device, dtype=None) -> str:

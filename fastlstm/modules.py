@@ -37,12 +37,6 @@ def _check_same_device(input, tensors, what):
                 f"{input.device} and {what} tensor at {tensor.device}")
 
 
-# The backend choice is plain Python (imports, availability probes) that depends only on the
-# backend name, device and dtype, all of which torch.compile already guards on; evaluating it
-# once while tracing keeps fastlstm.LSTM inside one graph.
-_resolve_backend = torch.compiler.assume_constant_result(_backends.resolve)
-
-
 def _bypass_fused() -> bool:
     """Exporters and TorchScript tracing see nn.LSTM's own graph."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -159,7 +153,7 @@ class LSTM(nn.LSTM):
                         f"LSTM: hx[{index}] has dtype {tensor.dtype} but input has dtype "
                         f"{input.dtype}; they must match")
 
-        backend = _resolve_backend(self.backend, input.device, input.dtype)
+        backend = _backends.resolve_constant(self.backend, input.device, input.dtype)
         with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
             if batch_sizes is None:
                 steps_first = input.transpose(0, 1) if self.batch_first else input
@@ -264,7 +258,7 @@ class LSTMCell(nn.LSTMCell):
                 if weights[0].dtype != input.dtype:
                     raise RuntimeError(f"LSTMCell: input has dtype {input.dtype} but weight_ih "
                                        f"has dtype {weights[0].dtype}; they must match")
-        backend = _resolve_backend(self.backend, input.device, input.dtype)
+        backend = _backends.resolve_constant(self.backend, input.device, input.dtype)
         run_layer = layer_function(backend)
         with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
             _out, h, c = run_layer(input, None, hx[0], hx[1], *weights, reverse=False)

@@ -1,8 +1,8 @@
 """torch.compile of models holding fastlstm modules: one graph, same results as eager.
 
-Dynamo refuses to trace any module that is an instance of nn.LSTM unless
-torch._dynamo.config.allow_rnn is set (its nn.LSTM support is experimental), and fastlstm.LSTM
-is an nn.LSTM by design. These tests set the flag for the compiled calls only, as a user would.
+Dynamo refuses to trace any nn.LSTM instance unless torch._dynamo.config.allow_rnn is set;
+fastlstm answers as allow_rnn=True would for its own LSTM instances only, so these tests compile
+without the flag, as a user would.
 """
 import importlib.util
 
@@ -41,8 +41,7 @@ CPU_BACKENDS = _backends("cpu")
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(allow_rnn=True):
-        yield
+    yield
     torch._dynamo.reset()
 
 
@@ -184,19 +183,17 @@ def test_dynamic_sequence_length(backend):
             f"{backend}: {counter.frame_count} compiles for {len(lengths)} lengths")
 
 
-def test_without_allow_rnn_dynamo_refuses_any_nn_lstm():
-    """What users hit without the flag: dynamo's blanket refusal of nn.LSTM instances."""
+def test_no_flag_needed_and_plain_nn_lstm_unchanged():
+    """fastlstm.LSTM compiles without allow_rnn; a plain nn.LSTM keeps Dynamo's own refusal
+    (the global flag is untouched)."""
+    assert not torch._dynamo.config.allow_rnn
     model = Tagger(3, 4, "torch")
-    with torch._dynamo.config.patch(allow_rnn=False):
-        with pytest.raises(Exception, match="RNN, GRU, or LSTM"):
-            torch.compile(model, fullgraph=True, backend="eager")(torch.randn(1, 2, 3))
-    # LSTMCell is not an nn.LSTM: no flag needed.
-    with torch._dynamo.config.patch(allow_rnn=False):
-        cell_model = CellLoop(3, 4, "torch")
-        x = torch.randn(2, 1, 3)
-        for a, b in zip(cell_model(x), torch.compile(cell_model, fullgraph=True,
-                                                     backend="aot_eager")(x)):
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    x = torch.randn(1, 2, 3)
+    for a, b in zip(model(x), torch.compile(model, fullgraph=True, backend="eager")(x)):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    plain = nn.LSTM(3, 4)
+    with pytest.raises(Exception, match="RNN, GRU, or LSTM"):
+        torch.compile(plain, fullgraph=True, backend="eager")(torch.randn(2, 1, 3))
 
 
 def test_sample_fullgraph():

@@ -1,0 +1,153 @@
+"""PNG plots drawn from recorded results (never from anything else): training speedup against
+hidden size and against batch, decode latency per token, and sampling time against vocabulary."""
+from __future__ import annotations
+
+import os
+
+from . import records as records_module
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _where(record) -> str:
+    machine = record["machine"]
+    return machine.get("gpu_name") or machine.get("cpu_model") or "?"
+
+
+def _panels(records, suite):
+    """ok records of a suite grouped into panels: (machine, device, dtype, backend)."""
+    panels: dict = {}
+    for record in records:
+        if record["suite"] == suite and record["status"] == "ok":
+            key = (_where(record), record["device"], record["dtype"], record["baseline_dtype"],
+                   record["backend_ran"] or record["backend"])
+            panels.setdefault(key, []).append(record)
+    return panels
+
+
+def _panel_title(key) -> str:
+    where, device, dtype, baseline_dtype, backend = key
+    dtypes = dtype if dtype == baseline_dtype else f"{dtype} vs {baseline_dtype}"
+    return f"{backend} on {where}\n{device} {dtypes}"
+
+
+def _speedup_plot(plt, panels, x_field, line_fields, xlabel, path):
+    count = len(panels)
+    figure, axes = plt.subplots(1, count, figsize=(5.5 * count, 4.2), squeeze=False)
+    for axis, (key, group) in zip(axes[0], sorted(panels.items())):
+        lines: dict = {}
+        for record in group:
+            shape = record["shape"]
+            label = " ".join(f"{name}={shape[field]}" for name, field in line_fields)
+            lines.setdefault((label, record["baseline"]), []).append(
+                (shape[x_field], record["ratio_median"], min(record["ratios"]),
+                 max(record["ratios"])))
+        for (label, baseline), points in sorted(lines.items()):
+            points.sort()
+            xs = [p[0] for p in points]
+            ys = [p[1] for p in points]
+            errors = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+            axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+        axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(f"speedup over {group[0]['baseline']}")
+        axis.set_title(_panel_title(key), fontsize=9)
+        axis.legend(fontsize=7)
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _decode_plot(plt, panels, path):
+    count = len(panels)
+    figure, axes = plt.subplots(1, count, figsize=(6 * count, 4.2), squeeze=False)
+    for axis, (key, group) in zip(axes[0], sorted(panels.items())):
+        labels = sorted({r["shape_label"] for r in group})
+        series: dict = {"fastlstm generate": {}, "floor (one read of the weights)": {}}
+        for record in group:
+            series["fastlstm generate"][record["shape_label"]] = record["fastlstm_median"]
+            series["floor (one read of the weights)"][record["shape_label"]] = record["floor_s"]
+            series.setdefault(record["baseline"], {})[record["shape_label"]] = \
+                record["baseline_median"]
+        width = 0.8 / len(series)
+        for index, (name, values) in enumerate(series.items()):
+            xs = [i + index * width for i in range(len(labels))]
+            ys = [values.get(label, 0) * 1e6 for label in labels]
+            axis.bar(xs, ys, width=width, label=name)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        axis.set_xticklabels(labels, fontsize=7)
+        axis.set_yscale("log")
+        axis.set_ylabel("µs per token (batch 1)")
+        axis.set_title(_panel_title(key), fontsize=9)
+        axis.legend(fontsize=7)
+        axis.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _sample_plot(plt, panels, path):
+    count = len(panels)
+    figure, axes = plt.subplots(1, count, figsize=(5.5 * count, 4.2), squeeze=False)
+    for axis, (key, group) in zip(axes[0], sorted(panels.items())):
+        by_batch: dict = {}
+        for record in group:
+            by_batch.setdefault(record["shape"]["batch"], []).append(record)
+        for batch, batch_records in sorted(by_batch.items()):
+            batch_records.sort(key=lambda r: r["shape"]["vocab"])
+            vocab = [r["shape"]["vocab"] for r in batch_records]
+            line = axis.plot(vocab, [r["fastlstm_median"] * 1e6 for r in batch_records],
+                             marker="o", label=f"fastlstm B={batch}")[0]
+            axis.plot(vocab, [r["baseline_median"] * 1e6 for r in batch_records], marker="s",
+                      linestyle="--", color=line.get_color(),
+                      label=f"{batch_records[0]['baseline']} B={batch}")
+            axis.plot(vocab, [r["floor_s"] * 1e6 for r in batch_records], linestyle=":",
+                      marker="x", color=line.get_color(), label=f"floor B={batch}")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("vocabulary V")
+        axis.set_ylabel("µs per call")
+        axis.set_title(_panel_title(key), fontsize=9)
+        axis.legend(fontsize=7)
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def draw(records: list[dict], directory: str, prefix: str = "") -> list[str]:
+    """Draw every plot the records allow into `directory`; returns the PNG paths written."""
+    plt = _pyplot()
+    os.makedirs(directory, exist_ok=True)
+    chosen = records_module.latest(records)
+    written = []
+    train = _panels(chosen, "train")
+    if train:
+        path = os.path.join(directory, f"{prefix}train_speedup_vs_hidden.png")
+        _speedup_plot(plt, train, "hidden_size", (("B", "batch"), ("T", "steps"),
+                                                  ("L", "num_layers")),
+                      "hidden size H (training: forward + backward)", path)
+        written.append(path)
+        path = os.path.join(directory, f"{prefix}train_speedup_vs_batch.png")
+        _speedup_plot(plt, train, "batch", (("H", "hidden_size"), ("T", "steps"),
+                                            ("L", "num_layers")),
+                      "batch B (training: forward + backward)", path)
+        written.append(path)
+    decode = _panels(chosen, "decode")
+    if decode:
+        path = os.path.join(directory, f"{prefix}decode_latency.png")
+        _decode_plot(plt, decode, path)
+        written.append(path)
+    sample = _panels(chosen, "sample")
+    if sample:
+        path = os.path.join(directory, f"{prefix}sample_time_vs_vocab.png")
+        _sample_plot(plt, sample, path)
+        written.append(path)
+    return written
