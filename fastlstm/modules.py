@@ -114,7 +114,9 @@ class LSTM(nn.LSTM):
                   torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device))
             self.check_forward_args(input, hx, batch_sizes)
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            # A bare tensor is indexed as nn.LSTM indexes it (hx[0], hx[1]), so it fails with
+            # nn.LSTM's error types (IndexError, or the 3-D check below).
+            if isinstance(hx, (tuple, list)) and len(hx) != 2:
                 raise RuntimeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
             if batch_sizes is None:
                 if is_batched:
@@ -131,6 +133,9 @@ class LSTM(nn.LSTM):
             self.check_forward_args(input, hx, batch_sizes)
             hx = self.permute_hidden(hx, sorted_indices)
 
+        if batch_sizes is None and input.size(1 if self.batch_first else 0) == 0:
+            # nn.LSTM's error, raised by its kernel after the argument checks above.
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         weights = self._layer_weights()
         _check_same_device(input, hx, "hidden")
         _check_same_device(input, [w for ws in weights for w in ws], "parameter")
@@ -236,7 +241,13 @@ class LSTMCell(nn.LSTMCell):
         _check_same_device(input, weights, "parameter")
         autocast_dtype = _autocast_dtype(input.device.type)
         if autocast_dtype is not None and input.is_floating_point():
-            cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
+            run_dtype = autocast_dtype
+            if input.device.type != "cuda":
+                # Only CUDA autocast lists lstm_cell as a low-precision op. Elsewhere (the CPU)
+                # nn.LSTMCell runs its composite: gates in the autocast dtype, then the cell update
+                # with c_0, so h' and c' come out in promote(autocast dtype, c_0 dtype).
+                run_dtype = torch.promote_types(autocast_dtype, hx[1].dtype)
+            cast = lambda t: None if t is None else t.to(run_dtype)  # noqa: E731
             input, hx, weights = cast(input), (cast(hx[0]), cast(hx[1])), tuple(
                 cast(w) for w in weights)
         else:

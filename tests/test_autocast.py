@@ -1,0 +1,177 @@
+"""Autocast: fastlstm gives the dtypes nn.LSTM / nn.LSTMCell give, and errors no worse than theirs.
+
+Low-precision results are judged against a float64 reference, relative to the error nn.LSTM makes
+under the same autocast: err(fastlstm) <= 2 * err(nn) + slack.
+"""
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import fastlstm
+from fastlstm import _backends
+
+_BACKEND_MODULES = {"triton": "fastlstm.triton_lstm", "cpu": "fastlstm._extension",
+                    "cuda": "fastlstm._extension"}
+
+
+def _backends_for(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        return [pytest.param("cuda", marks=pytest.mark.cuda)]
+    params = []
+    for name in fastlstm.available_backends(device):
+        module = _BACKEND_MODULES.get(name)
+        missing = module is not None and importlib.util.find_spec(module) is None
+        params.append(pytest.param(name, marks=pytest.mark.skipif(
+            missing, reason=f"backend {name}: {module} is not part of this build")))
+    return params
+
+
+# Slack: half a unit in the last place of the low-precision format at magnitude 1 (LSTM outputs
+# and states here are O(1)), the error of rounding the exact result once. It keeps the
+# comparison meaningful when nn.LSTM happens to land within rounding of the reference.
+_HALF_ULP = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -12}
+
+
+def _max_err(value, reference):
+    return (value.double() - reference.double()).abs().max().item()
+
+
+def _run(module, x, hx):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    out, (h, c) = module(x, hx)
+    weights = torch.linspace(-1, 1, out.numel(), device=x.device).reshape(out.shape)
+    (out.float() * weights).sum().add(h.float().sum()).add(c.float().sum()).backward()
+    grads = [p.grad for p in module.parameters()] + [x.grad]
+    return (out, h, c), grads
+
+
+def _check_lstm(backend, device, dtype, sizes):
+    steps, batch, input_size, hidden = sizes
+    reference = nn.LSTM(input_size, hidden, num_layers=2, device=device)
+    fast = fastlstm.LSTM(input_size, hidden, num_layers=2, device=device, backend=backend)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(steps, batch, input_size, device=device)
+    exact_module = nn.LSTM(input_size, hidden, num_layers=2, device=device, dtype=torch.float64)
+    exact_module.load_state_dict(reference.state_dict())
+    exact_outs, exact_grads = _run(exact_module, x.double(), None)
+
+    with torch.autocast(device, dtype=dtype):
+        nn_outs, nn_grads = _run(reference, x, None)
+        if not _backends.supports_dtype(backend, device, dtype):
+            with pytest.raises(RuntimeError, match="does not support dtype"):
+                fast(x)
+            return
+        fast_outs, fast_grads = _run(fast, x, None)
+
+    for name, a, b in zip(("output", "h_n", "c_n"), nn_outs, fast_outs):
+        assert b.dtype == a.dtype, f"{name}: fastlstm gives {b.dtype}, nn.LSTM gives {a.dtype}"
+    slack = _HALF_ULP[dtype]
+    for name, a, b, exact in zip(("output", "h_n", "c_n"), nn_outs, fast_outs, exact_outs):
+        err_nn, err_fast = _max_err(a, exact), _max_err(b, exact)
+        assert err_fast <= 2 * err_nn + slack, f"{name}: error {err_fast:.3g}, nn.LSTM {err_nn:.3g}"
+    names = [n for n, _ in reference.named_parameters()] + ["input"]
+    for name, a, b, exact in zip(names, nn_grads, fast_grads, exact_grads):
+        assert b.dtype == a.dtype, f"grad {name}: {b.dtype} vs nn.LSTM {a.dtype}"
+        # Gradients sum over steps and rows, so they are not O(1): scale the slack to them.
+        scale = max(exact.abs().max().item(), 1.0)
+        err_nn, err_fast = _max_err(a, exact), _max_err(b, exact)
+        assert err_fast <= 2 * err_nn + slack * scale, (
+            f"grad {name}: error {err_fast:.3g}, nn.LSTM {err_nn:.3g}")
+
+
+def test_nn_lstm_cpu_autocast_dtypes():
+    """What fastlstm matches: CPU autocast lists lstm as a bf16 op, not lstm_cell."""
+    x = torch.randn(3, 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = nn.LSTM(4, 5)(x)
+        cell_h, cell_c = nn.LSTMCell(4, 5)(x[0])
+    assert (out.dtype, h.dtype, c.dtype) == (torch.bfloat16,) * 3
+    assert (cell_h.dtype, cell_c.dtype) == (torch.float32,) * 2
+
+
+@pytest.mark.parametrize("backend", _backends_for("cpu"))
+def test_lstm_cpu_bf16(backend):
+    sizes = (3, 2, 3, 4) if backend == "triton" else (7, 3, 8, 16)
+    _check_lstm(backend, "cpu", torch.bfloat16, sizes)
+
+
+def _cell_hx(kind, batch, hidden):
+    if kind is None:
+        return None
+    if kind == "mixed":
+        return (torch.randn(batch, hidden, dtype=torch.bfloat16), torch.randn(batch, hidden))
+    return (torch.randn(batch, hidden, dtype=kind), torch.randn(batch, hidden, dtype=kind))
+
+
+@pytest.mark.parametrize("backend", _backends_for("cpu"))
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hx_kind", [None, torch.float32, torch.bfloat16, "mixed"])
+def test_cell_cpu_bf16(backend, input_dtype, hx_kind):
+    reference = nn.LSTMCell(6, 8)
+    fast = fastlstm.LSTMCell(6, 8, backend=backend)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 6).to(input_dtype)
+    hx = _cell_hx(hx_kind, 3, 8)
+    exact_module = nn.LSTMCell(6, 8, dtype=torch.float64)
+    exact_module.load_state_dict(reference.state_dict())
+    exact = exact_module(x.double(), None if hx is None else tuple(t.double() for t in hx))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(x, hx)
+        run_dtype = expected[1].dtype
+        if not _backends.supports_dtype(backend, "cpu", run_dtype):
+            with pytest.raises(RuntimeError, match="does not support dtype"):
+                fast(x, hx)
+            return
+        got = fast(x, hx)
+    for name, a, b, e in zip(("h", "c"), expected, got, exact):
+        assert b.dtype == a.dtype, f"{name}: fastlstm gives {b.dtype}, nn.LSTMCell gives {a.dtype}"
+        err_nn, err_fast = _max_err(a, e), _max_err(b, e)
+        assert err_fast <= 2 * err_nn + _HALF_ULP[torch.bfloat16], (
+            f"{name}: error {err_fast:.3g}, nn.LSTMCell {err_nn:.3g}")
+
+
+@pytest.mark.parametrize("backend", _backends_for("cpu"))
+def test_autocast_off_inside_is_plain_fp32(backend):
+    """An autocast region that is disabled must not change anything."""
+    if backend == "triton":
+        sizes = (2, 2, 3, 4)
+    else:
+        sizes = (4, 2, 5, 6)
+    steps, batch, input_size, hidden = sizes
+    fast = fastlstm.LSTM(input_size, hidden, backend=backend)
+    x = torch.randn(steps, batch, input_size)
+    plain = fast(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        inside = fast(x)
+    assert inside[0].dtype == torch.float32
+    assert torch.equal(inside[0], plain[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", _backends_for("cuda"))
+def test_lstm_cuda(backend, dtype):
+    _check_lstm(backend, "cuda", dtype, (16, 8, 32, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", _backends_for("cuda"))
+def test_cell_cuda(backend, dtype):
+    reference = nn.LSTMCell(32, 64, device="cuda")
+    fast = fastlstm.LSTMCell(32, 64, device="cuda", backend=backend)
+    fast.load_state_dict(reference.state_dict())
+    exact_module = nn.LSTMCell(32, 64, device="cuda", dtype=torch.float64)
+    exact_module.load_state_dict(reference.state_dict())
+    x = torch.randn(8, 32, device="cuda")
+    hx = (torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda"))
+    exact = exact_module(x.double(), tuple(t.double() for t in hx))
+    with torch.autocast("cuda", dtype=dtype):
+        expected = reference(x, hx)
+        got = fast(x, hx)
+    for name, a, b, e in zip(("h", "c"), expected, got, exact):
+        assert b.dtype == a.dtype, f"{name}: fastlstm gives {b.dtype}, nn.LSTMCell gives {a.dtype}"
+        assert _max_err(b, e) <= 2 * _max_err(a, e) + _HALF_ULP[dtype], name
