@@ -46,19 +46,13 @@ inline void load_block(const scalar_t* source, int64_t count, float* target) {
   for (int64_t i = 0; i < count; ++i) target[i] = static_cast<float>(source[i]);
 }
 
-#if defined(__GNUC__)
-#define FASTLSTM_ALWAYS_INLINE __attribute__((always_inline)) inline  // a call stops vectorization
-#else
-#define FASTLSTM_ALWAYS_INLINE inline
-#endif
-
 // exp(x) for x <= 0 (arguments here are shifted by the max): 2^n * 2^f with n = rint(x log2 e),
 // |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (relative error < 1e-8, below float's own
 // rounding); x < -87 gives 0 (weights below 1e-38 of the max). Written as plain arithmetic so
 // the compiler vectorizes the loops below (omp simd: -fopenmp is on); target_clones builds an
 // AVX2 copy picked at run time, since ATen's Vectorized is scalar in an extension built without
-// -mavx2.
-FASTLSTM_ALWAYS_INLINE float exp_nonpositive(float x) {
+// -mavx2. Always inlined: a call inside the loops stops their vectorization.
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
   const float t = (x > -87.0f ? x : -87.0f) * 1.44269504088896341f;
   const float n = (t + 12582912.f) - 12582912.f;  // round to nearest: 1.5 * 2^23 trick, no call
   const float f = (t - n) * 0.693147180559945309f;
