@@ -8,13 +8,16 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <version>
+#if defined(__cpp_lib_bit_cast)
+#include <bit>
+#endif
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -23,19 +26,10 @@ namespace fastlstm {
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
 
 // Tokens per block of the inverse-CDF pass: big enough that the per-block bookkeeping is small,
 // small enough that the final scan inside one block is short and the block stays in L1.
 constexpr int64_t kBlock = 1024;
-
-inline Vec vec_exp(const Vec& x) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
-  return x.exp_u20();  // 20-ULP exp: ample for sampling weights, and faster than the 1-ULP one
-#else
-  return x.exp();
-#endif
-}
 
 // A uniform double in [0, 1) with 53 random bits, for (seed, offset, row).
 inline double row_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
@@ -52,45 +46,58 @@ inline void load_block(const scalar_t* source, int64_t count, float* target) {
   for (int64_t i = 0; i < count; ++i) target[i] = static_cast<float>(source[i]);
 }
 
+// exp(x) for x <= 0 (arguments here are shifted by the max): 2^n * 2^f with n = rint(x log2 e),
+// |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (relative error < 1e-8, below float's own
+// rounding); x < -87 gives 0 (weights below 1e-38 of the max). Written as plain arithmetic so
+// the compiler vectorizes the loops below (omp simd: -fopenmp is on); target_clones builds an
+// AVX2 copy picked at run time, since ATen's Vectorized is scalar in an extension built without
+// -mavx2. Always inlined: a call inside the loops stops their vectorization.
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  const float t = (x > -87.0f ? x : -87.0f) * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest: 1.5 * 2^23 trick, no call
+  const float f = (t - n) * 0.693147180559945309f;
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;
+#if defined(__cpp_lib_bit_cast)
+  const float scale = std::bit_cast<float>(exponent);  // memcpy here keeps GCC from vectorizing
+#else
+  float scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+#endif
+  // A multiply by the mask, not a branch, so the loops vectorize; -inf gives exactly 0.
+  return p * scale * static_cast<float>(x >= -87.0f);
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTLSTM_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTLSTM_CLONES
+#endif
+
 // Max of n floats; NaN anywhere makes the result NaN.
-inline float block_max(const float* x, int64_t n) {
-  int64_t i = 0;
+FASTLSTM_CLONES float block_max(const float* x, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
-  bool nan = false;
-  if (n >= Vec::size()) {
-    Vec vbest(-std::numeric_limits<float>::infinity());
-    Vec vnan(0.f);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec v = Vec::loadu(x + i);
-      vbest = at::vec::maximum(vbest, v);  // propagates NaN
-    }
-    float lanes[Vec::size()];
-    vbest.store(lanes);
-    for (int j = 0; j < Vec::size(); ++j) {
-      nan |= std::isnan(lanes[j]);
-      best = std::max(best, lanes[j]);
-    }
-  }
-  for (; i < n; ++i) {
-    nan |= std::isnan(x[i]);
-    best = std::max(best, x[i]);
+  int32_t nan = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    best = x[i] > best ? x[i] : best;
+    nan |= x[i] != x[i];
   }
   return nan ? std::numeric_limits<float>::quiet_NaN() : best;
 }
 
-// Sum of exp((x - shift) * scale), shift finite.
-inline float block_sum_exp(const float* x, int64_t n, float shift, float scale) {
-  int64_t i = 0;
+// Sum of exp((x - shift) * scale), shift finite and >= every x.
+FASTLSTM_CLONES float block_sum_exp(const float* x, int64_t n, float shift, float scale) {
   float total = 0.f;
-  if (n >= Vec::size()) {
-    const Vec vshift(shift), vscale(scale);
-    Vec vtotal(0.f);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      vtotal = vtotal + vec_exp((Vec::loadu(x + i) - vshift) * vscale);
-    }
-    total = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vtotal);
-  }
-  for (; i < n; ++i) total += std::exp((x[i] - shift) * scale);
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += exp_nonpositive((x[i] - shift) * scale);
   return total;
 }
 
@@ -185,7 +192,7 @@ RowResult plain_row(const scalar_t* row, int64_t vocab, float inv_temperature, d
     load_block(row + begin, count, weights);
   }
   const float m = block_maxima[chosen];
-  for (int64_t i = 0; i < count; ++i) weights[i] = std::exp((weights[i] - m) * inv_temperature);
+  for (int64_t i = 0; i < count; ++i) weights[i] = exp_nonpositive((weights[i] - m) * inv_temperature);
   const double scale = std::exp(static_cast<double>(m - row_max) * inv_temperature);
   const double local_target = std::max(0.0, (target - before) / scale);
   return {begin + scan_pick(weights, count, local_target), sampling::kRowOk};
@@ -238,7 +245,7 @@ RowResult filtered_row(const scalar_t* row, int64_t vocab, float inv_temperature
   int64_t kept = 0;
   for (int64_t i = 0; i < vocab; ++i) {
     const float x = values[i];
-    const float w = x >= logit_threshold ? std::exp((x - row_max) * inv_temperature) : 0.f;
+    const float w = x >= logit_threshold ? exp_nonpositive((x - row_max) * inv_temperature) : 0.f;
     values[i] = w;
     total += w;
     if (w > 0.f) work[kept++] = w;
