@@ -4,7 +4,7 @@
 // that max (the block is read from memory once and stays in L1 for the second look); these run
 // in parallel over all blocks of all rows, so a few long rows still use every thread. Second,
 // per row, one uniform number picks a block from the block masses, then a chunk, then a token.
-// The exp is an explicit 8-lane AVX2 + FMA polynomial, chosen at run time when the CPU has it.
+// The exp is an explicit AVX-512 or AVX2 + FMA polynomial, chosen at run time by the CPU.
 // Each row's uniform comes from a counter-based Philox keyed by (seed, offset, row), and each
 // block's figures depend only on its tokens, so the result does not depend on the thread count.
 #include "sample_cpu.h"
@@ -23,6 +23,7 @@
 #endif
 #include <limits>
 #include <mutex>
+#include <string>
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #endif
@@ -94,10 +95,11 @@ float block_max(const float* x, int64_t n) {
 // double), a chunk is picked from those sums, and only that chunk is scanned token by token.
 constexpr int64_t kChunk = 64;
 
-// The per-block work of the plain path. Two builds: portable C++, and AVX2 + FMA intrinsics
-// picked at run time when the CPU has them (the extension is built without -mavx2, so neither
-// the compiler's auto-vectorizer nor ATen's Vectorized<float> can use AVX2 here). Both compute
-// the same quantities; the build used is fixed per process, so draws do not depend on threads.
+// The per-block work of the plain path. Three builds: portable C++, and AVX2 + FMA or AVX-512
+// intrinsics picked at run time when the CPU has them (the extension is built without -mavx2,
+// so neither the compiler's auto-vectorizer nor ATen's Vectorized<float> can use them here).
+// All compute the same quantities; the build used is fixed per process, so draws do not depend
+// on threads.
 struct BlockKernels {
   // max_out = max of x[0, n) (NaN if any is NaN); sum_out = sum of exp((x - max) * scale),
   // 0 unless the max is finite.
@@ -279,13 +281,124 @@ FASTLSTM_AVX2 void bfloat16_to_float_avx2(const at::BFloat16* x, int64_t n, floa
   }
   for (; i < n; ++i) out[i] = static_cast<float>(x[i]);
 }
+
+// GCC 12 flags the deliberately undefined lanes of its own avx512fintrin.h helpers as
+// maybe-uninitialized; the warning is about the header, not this code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FASTLSTM_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+// exp16_nonpositive: exp8_nonpositive on 16 lanes (the same operations, so the same values).
+FASTLSTM_AVX512 inline __m512 exp16_nonpositive(__m512 y) {
+  const __m512 floor = _mm512_set1_ps(-87.f);
+  const __mmask16 valid = _mm512_cmp_ps_mask(y, floor, _CMP_GE_OQ);
+  y = _mm512_max_ps(y, floor);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+  const __m512i exponent = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(valid, p, _mm512_castsi512_ps(exponent));
+}
+
+FASTLSTM_AVX512 inline __mmask16 tail_mask(int64_t count) {
+  return static_cast<__mmask16>(count >= 16 ? 0xFFFF : (1u << count) - 1);
+}
+
+FASTLSTM_AVX512 void stats_avx512(const float* x, int64_t n, float scale, float* max_out,
+                                  float* sum_out) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = neg_inf, m1 = neg_inf;
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    m0 = _mm512_max_ps(m0, a);
+    m1 = _mm512_max_ps(m1, b);
+    nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+  }
+  for (; i < n; i += 16) {  // masked lanes read as -inf
+    const __m512 a = _mm512_mask_loadu_ps(neg_inf, tail_mask(n - i), x + i);
+    m0 = _mm512_max_ps(m0, a);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  if (nan) {
+    *max_out = std::numeric_limits<float>::quiet_NaN();
+    *sum_out = 0.f;
+    return;
+  }
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  *max_out = m;
+  if (!std::isfinite(m)) {
+    *sum_out = 0.f;
+    return;
+  }
+  const __m512 shift = _mm512_set1_ps(m), s = _mm512_set1_ps(scale);
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm512_add_ps(a0, exp16_nonpositive(
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift), s)));
+    a1 = _mm512_add_ps(a1, exp16_nonpositive(
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), shift), s)));
+    a2 = _mm512_add_ps(a2, exp16_nonpositive(
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 32), shift), s)));
+    a3 = _mm512_add_ps(a3, exp16_nonpositive(
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 48), shift), s)));
+  }
+  for (; i < n; i += 16) {
+    const __m512 v = _mm512_mask_loadu_ps(neg_inf, tail_mask(n - i), x + i);
+    a0 = _mm512_add_ps(a0, exp16_nonpositive(_mm512_mul_ps(_mm512_sub_ps(v, shift), s)));
+  }
+  *sum_out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+FASTLSTM_AVX512 void weights_avx512(const float* x, int64_t n, float shift, float scale,
+                                    float* weights, double* chunk_sums) {
+  static_assert(kChunk % 16 == 0, "a chunk holds whole vectors");
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vshift = _mm512_set1_ps(shift), s = _mm512_set1_ps(scale);
+  for (int64_t begin = 0, c = 0; begin < n; begin += kChunk, ++c) {
+    const int64_t end = std::min(n, begin + kChunk);
+    __m512d sum = _mm512_setzero_pd();
+    for (int64_t i = begin; i < end; i += 16) {
+      const __mmask16 mask = tail_mask(end - i);
+      const __m512 v = _mm512_mask_loadu_ps(neg_inf, mask, x + i);
+      const __m512 w = exp16_nonpositive(_mm512_mul_ps(_mm512_sub_ps(v, vshift), s));
+      _mm512_mask_storeu_ps(weights + i, mask, w);
+      const __m512d bits = _mm512_castps_pd(w);
+      sum = _mm512_add_pd(sum, _mm512_add_pd(
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_castpd512_pd256(bits))),
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(bits, 1)))));
+    }
+    chunk_sums[c] = _mm512_reduce_add_pd(sum);
+  }
+}
+#pragma GCC diagnostic pop
 #endif
 
+// The best kernels the CPU runs; FASTLSTM_SAMPLE_KERNELS=portable|avx2|avx512 picks a lower one
+// (to test every build on one machine; a choice the CPU lacks falls back to the best it has).
 const BlockKernels& block_kernels() {
   static const BlockKernels kernels = [] {
+    const char* choice = std::getenv("FASTLSTM_SAMPLE_KERNELS");
+    const std::string wanted = choice != nullptr ? choice : "avx512";
 #if defined(FASTLSTM_HAVE_AVX2_KERNELS)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        std::getenv("FASTLSTM_SAMPLE_PORTABLE") == nullptr) {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2 && __builtin_cpu_supports("avx512f") && wanted == "avx512") {
+      return BlockKernels{stats_avx512, weights_avx512, half_to_float_avx2,
+                          bfloat16_to_float_avx2};
+    }
+    if (avx2 && wanted != "portable") {
       return BlockKernels{stats_avx2, weights_avx2, half_to_float_avx2, bfloat16_to_float_avx2};
     }
 #endif

@@ -289,15 +289,17 @@ def test_cpu_draws_do_not_depend_on_threads(rows, vocab, dtype):
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="fastlstm._C is not built")
-@pytest.mark.skipif(os.environ.get("FASTLSTM_SAMPLE_PORTABLE") is not None,
-                    reason="already running on the portable kernels")
-def test_cpu_portable_kernels():
-    """The CPU kernel picks AVX2 code at run time; FASTLSTM_SAMPLE_PORTABLE=1 forces the
-    portable C++ one. Rerun the CPU distribution tests on it, in a fresh process."""
-    env = dict(os.environ, FASTLSTM_SAMPLE_PORTABLE="1")
+@pytest.mark.skipif(os.environ.get("FASTLSTM_SAMPLE_KERNELS") is not None,
+                    reason="already running on chosen kernels")
+@pytest.mark.parametrize("kernels", ["portable", "avx2"])
+def test_cpu_lower_kernels(kernels):
+    """The CPU kernel picks the widest vector code the CPU runs (AVX-512, AVX2, portable C++);
+    FASTLSTM_SAMPLE_KERNELS forces a lower one. Rerun the CPU tests on it, in a fresh process
+    (on a CPU without the chosen instructions this repeats the best available ones)."""
+    env = dict(os.environ, FASTLSTM_SAMPLE_KERNELS=kernels)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "(distribution and cpu and not cuda) or long_rows or masked or greedy"],
+         "(distribution and cpu and not cuda) or long_rows or masked or greedy or threads"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
