@@ -1,10 +1,10 @@
 // Fused sampling on the CPU: the same distribution as softmax(z / T) (after top-k / top-p) by the
 // cheapest exact route, the inverse CDF. The common case (no top-k / top-p) runs in two stages.
 // First, every block of kBlock tokens of every row gets its max and its sum of exp relative to
-// that max (the block is read from memory once and stays in L1 for the second look); these run
-// in parallel over all blocks of all rows, so a few long rows still use every thread. Second,
+// that max (the block is read from memory once and stays in L1 for the second look). Second,
 // per row, one uniform number picks a block from the block masses, then a chunk, then a token.
-// The exp is an explicit AVX-512 or AVX2 + FMA polynomial, chosen at run time by the CPU.
+// Many rows are shared out among threads whole; few long rows by their blocks, so they still use
+// every thread. The exp is an explicit AVX-512 or AVX2 + FMA polynomial, chosen at run time.
 // Each row's uniform comes from a counter-based Philox keyed by (seed, offset, row), and each
 // block's figures depend only on its tokens, so the result does not depend on the thread count.
 #include "sample_cpu.h"
@@ -523,27 +523,24 @@ RowResult filtered_row(const scalar_t* row, int64_t vocab, float inv_temperature
 // Tokens of work that make one task of a parallel loop worth its scheduling cost.
 constexpr int64_t kParallelTokens = 16384;
 
-// The plain path (no top-k / top-p), first stage: every block's max and sum of exp, in
-// parallel over all blocks of all rows, so a few long rows still use every thread. A block's
-// figures depend only on its own tokens, so the draw does not depend on the thread count.
-// Greedy rows and rows with a bad temperature are skipped here and handled per row.
+// The plain path (no top-k / top-p), first stage: the max and sum of exp of the blocks
+// [begin, end) of the (row, block) grid. A block's figures depend only on its own tokens, so
+// the draw does not depend on which thread computes them. Greedy rows and rows with a bad
+// temperature are skipped here and handled per row.
 template <typename scalar_t>
-void plain_block_stats(const scalar_t* data, int64_t rows, int64_t vocab, const float* temperatures,
-                       float* maxima, float* sums) {
+void plain_block_stats(const scalar_t* data, int64_t vocab, const float* temperatures,
+                       int64_t begin, int64_t end, float* maxima, float* sums) {
   const BlockKernels& kernels = block_kernels();
   const int64_t blocks = (vocab + kBlock - 1) / kBlock;
-  const int64_t grain = std::max<int64_t>(1, kParallelTokens / std::min(kBlock, vocab));
-  at::parallel_for(0, rows * blocks, grain, [&](int64_t begin, int64_t end) {
-    alignas(32) float buffer[kBlock];  // half / bfloat16 blocks, converted
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t r = index / blocks, start = (index - r * blocks) * kBlock;
-      const float t = temperatures[r];
-      if (!(t > 0.f) || std::isinf(t)) continue;
-      const int64_t count = std::min(kBlock, vocab - start);
-      const float* x = as_float(kernels, data + r * vocab + start, count, buffer);
-      kernels.stats(x, count, 1.f / t, maxima + index, sums + index);
-    }
-  });
+  alignas(64) float buffer[kBlock];  // half / bfloat16 blocks, converted
+  for (int64_t index = begin; index < end; ++index) {
+    const int64_t r = index / blocks, start = (index - r * blocks) * kBlock;
+    const float t = temperatures[r];
+    if (!(t > 0.f) || std::isinf(t)) continue;
+    const int64_t count = std::min(kBlock, vocab - start);
+    const float* x = as_float(kernels, data + r * vocab + start, count, buffer);
+    kernels.stats(x, count, 1.f / t, maxima + index, sums + index);
+  }
 }
 
 // The plain path, second stage for one row: the row's errors, then one uniform number picks a
@@ -613,6 +610,13 @@ float* stats_workspace(int64_t floats) {
 }
 
 // Fills tokens[r]; a bad row gets -(its error code) instead of a token.
+//
+// One fork-join per call: on a busy machine every join can wait a whole scheduler time slice
+// for a descheduled thread, so the two stages of the plain path do not each get their own.
+// With enough rows to share out, each task runs both stages for whole rows; with few rows, the
+// blocks of all rows are shared out and the second stage (about one block of work per row)
+// runs on the calling thread. Either way every figure is computed the same way, so the tokens
+// do not depend on the thread count.
 template <typename scalar_t>
 void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_t top_k,
                  double top_p, uint64_t seed, uint64_t offset, int64_t* tokens) {
@@ -626,12 +630,8 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_
   if (!filtered) {
     maxima = stats_workspace(2 * rows * blocks);
     sums = maxima + rows * blocks;
-    plain_block_stats(data, rows, vocab, temperatures, maxima, sums);
   }
-  // The per-row stage of the plain path costs about one block; the filtered path the row.
-  const int64_t row_cost = filtered ? vocab : std::min(vocab, kBlock) + blocks * 16;
-  const int64_t grain = std::max<int64_t>(1, kParallelTokens / row_cost);
-  at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
+  auto finish_rows = [&](int64_t row_begin, int64_t row_end) {
     std::vector<float> values, work;  // the filtered path's copies of a row
     for (int64_t r = row_begin; r < row_end; ++r) {
       const scalar_t* row = data + r * vocab;
@@ -649,7 +649,24 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_
       }
       tokens[r] = result.error == sampling::kRowOk ? result.token : -result.error;
     }
-  });
+  };
+  const bool by_rows = filtered || rows >= 4 * static_cast<int64_t>(at::get_num_threads());
+  if (by_rows) {
+    const int64_t grain = std::max<int64_t>(1, kParallelTokens / vocab);
+    at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
+      if (!filtered) {
+        plain_block_stats(data, vocab, temperatures, row_begin * blocks, row_end * blocks, maxima,
+                          sums);
+      }
+      finish_rows(row_begin, row_end);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kParallelTokens / std::min(kBlock, vocab));
+    at::parallel_for(0, rows * blocks, grain, [&](int64_t begin, int64_t end) {
+      plain_block_stats(data, vocab, temperatures, begin, end, maxima, sums);
+    });
+    finish_rows(0, rows);
+  }
 }
 
 }  // namespace

@@ -267,11 +267,13 @@ def test_cpu_distribution_many_blocks():
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="fastlstm._C is not built")
 @pytest.mark.parametrize("rows, vocab, dtype", [(1, 200000, torch.float32),
                                                 (37, 3000, torch.float32),
+                                                (6, 9000, torch.float32),
                                                 (5, 70000, torch.bfloat16),
                                                 (300, 65, torch.float16)])
 def test_cpu_draws_do_not_depend_on_threads(rows, vocab, dtype):
-    """Rows and blocks are split over threads differently for each thread count; the tokens
-    must not change (each draw is keyed by the row, each block's sums by its own tokens)."""
+    """Rows and blocks are split over threads differently for each thread count (6 rows go to
+    threads whole on 1 thread, by blocks on 2 or 3); the tokens must not change (each draw is
+    keyed by the row, each block's sums by its own tokens)."""
     logits = (2 * torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))).to(dtype)
     saved = torch.get_num_threads()
     drawn = []
