@@ -222,6 +222,10 @@ FASTLSTM_AVX2 void stats_avx2(const float* x, int64_t n, float scale, float* max
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   i = 0;
   for (; i + 32 <= n; i += 32) {
+    // Fetch the next block (the next tokens in memory) while this one computes, so its max
+    // pass finds it in cache: the loads and the exp work then overlap.
+    _mm_prefetch(reinterpret_cast<const char*>(x + n + i), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(x + n + i + 16), _MM_HINT_T0);
     a0 = _mm256_add_ps(a0, exp8_nonpositive(
         _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift), s)));
     a1 = _mm256_add_ps(a1, exp8_nonpositive(
@@ -288,7 +292,8 @@ FASTLSTM_AVX2 void bfloat16_to_float_avx2(const at::BFloat16* x, int64_t n, floa
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define FASTLSTM_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 
-// exp16_nonpositive: exp8_nonpositive on 16 lanes (the same operations, so the same values).
+// exp16_nonpositive: exp8_nonpositive on 16 lanes (the same operations, so the same values;
+// scalef does the exact multiply by 2^n in one instruction).
 FASTLSTM_AVX512 inline __m512 exp16_nonpositive(__m512 y) {
   const __m512 floor = _mm512_set1_ps(-87.f);
   const __mmask16 valid = _mm512_cmp_ps_mask(y, floor, _CMP_GE_OQ);
@@ -304,9 +309,7 @@ FASTLSTM_AVX512 inline __m512 exp16_nonpositive(__m512 y) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
-  const __m512i exponent = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(valid, p, _mm512_castsi512_ps(exponent));
+  return _mm512_maskz_scalef_ps(valid, p, n);  // p * 2^n, exact (n >= -126 after the clamp)
 }
 
 FASTLSTM_AVX512 inline __mmask16 tail_mask(int64_t count) {
@@ -345,6 +348,11 @@ FASTLSTM_AVX512 void stats_avx512(const float* x, int64_t n, float scale, float*
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   i = 0;
   for (; i + 64 <= n; i += 64) {
+    // Fetch the next block (the next tokens in memory) while this one computes, so its max
+    // pass finds it in cache: the loads and the exp work then overlap.
+    for (int line = 0; line < 4; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(x + n + i + 16 * line), _MM_HINT_T0);
+    }
     a0 = _mm512_add_ps(a0, exp16_nonpositive(
         _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift), s)));
     a1 = _mm512_add_ps(a1, exp16_nonpositive(
