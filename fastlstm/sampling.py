@@ -9,7 +9,9 @@ the first index on ties, like torch.argmax.
 
 Backends
   torch   the readable reference: softmax in float64, masks, torch.multinomial
-  cpu     C++ in fastlstm._C: inverse CDF in one blocked pass over each row (csrc/sample_cpu.cpp)
+  cpu     C++ in fastlstm._C: inverse CDF in one blocked pass over each row, blocks in parallel,
+          AVX-512 or AVX2 picked at run time (csrc/sample_cpu.cpp; the environment variable
+          FASTLSTM_SAMPLE_KERNELS=avx2 or =portable forces a lower build, for testing)
   cuda    CUDA C++ in fastlstm._C: Gumbel-max with Philox noise (csrc/sample_cuda.cu)
   triton  the same Gumbel-max in Triton (fastlstm/triton_sample.py)
 

@@ -1,6 +1,9 @@
 """fastlstm.sample: drawn frequencies against softmax(z / T) in float64 (chi-square), top-k/top-p
 support, masked tokens, greedy rows, generator reproducibility and every bad input, per backend."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -245,6 +248,63 @@ def test_cpu_long_rows():
         tokens = fastlstm.sample(logits.to(dtype), 1.0, backend="cpu", generator=generator)
         assert bool((tokens % 2 == 1).all()) and bool((tokens < vocab).all())
 
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="fastlstm._C is not built")
+def test_cpu_distribution_many_blocks():
+    """V = 4100: five blocks of the CPU kernel (the last one of 4 tokens) and many chunks, every
+    one carrying mass; the draws come from several calls so each call stays small."""
+    vocab, calls = 4100, 20
+    z = make_logits(vocab, seed=11, masked=40)
+    logits = z.float().expand(DRAWS // calls, vocab).contiguous()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.cat([fastlstm.sample(logits, 0.7, backend="cpu", generator=generator)
+                        for _ in range(calls)])
+    p = chi_square_p_value(tokens, reference_probs(z.float().double(), 0.7))
+    assert p > P_VALUE_FLOOR, f"V={vocab}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="fastlstm._C is not built")
+@pytest.mark.parametrize("rows, vocab, dtype", [(1, 200000, torch.float32),
+                                                (37, 3000, torch.float32),
+                                                (6, 9000, torch.float32),
+                                                (5, 70000, torch.bfloat16),
+                                                (300, 65, torch.float16)])
+def test_cpu_draws_do_not_depend_on_threads(rows, vocab, dtype):
+    """Rows and blocks are split over threads differently for each thread count (6 rows go to
+    threads whole on 1 thread, by blocks on 2 or 3); the tokens must not change (each draw is
+    keyed by the row, each block's sums by its own tokens)."""
+    logits = (2 * torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))).to(dtype)
+    saved = torch.get_num_threads()
+    drawn = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            drawn.append(torch.stack([
+                fastlstm.sample(logits, 0.9, backend="cpu",
+                                generator=torch.Generator().manual_seed(seed))
+                for seed in range(4)]))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2])
+    assert not torch.equal(drawn[0][0], drawn[0][1])  # the seeds do matter
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="fastlstm._C is not built")
+@pytest.mark.skipif(os.environ.get("FASTLSTM_SAMPLE_KERNELS") is not None,
+                    reason="already running on chosen kernels")
+@pytest.mark.parametrize("kernels", ["portable", "avx2"])
+def test_cpu_lower_kernels(kernels):
+    """The CPU kernel picks the widest vector code the CPU runs (AVX-512, AVX2, portable C++);
+    FASTLSTM_SAMPLE_KERNELS forces a lower one. Rerun the CPU tests on it, in a fresh process
+    (on a CPU without the chosen instructions this repeats the best available ones)."""
+    env = dict(os.environ, FASTLSTM_SAMPLE_KERNELS=kernels)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "(distribution and cpu and not cuda) or long_rows or masked or greedy or threads"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
 
 # --- CUDA ------------------------------------------------------------------------------------
 
