@@ -54,6 +54,8 @@ def _op_available() -> bool:
     return _backends.extension() is not None and hasattr(torch.ops.fastlstm, "sample")
 
 
+# Under torch.compile the choice is made at trace time and becomes a constant of the graph.
+@torch.compiler.assume_constant_result
 def _resolve(backend: str, device: torch.device) -> str:
     key = (backend, device.type)
     name = _resolved.get(key)
