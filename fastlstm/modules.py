@@ -5,6 +5,8 @@ parameters, state_dict keys, repr and errors.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -45,7 +47,21 @@ def _bypass_fused() -> bool:
     return bool(onnx is not None and onnx.is_in_onnx_export())
 
 
-class LSTM(nn.LSTM):
+class _BackendChoice:
+    """The keyword-only `backend` argument both modules add to their parent's constructor."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        _backends.check_backend_name(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        backend = getattr(self, "backend", "auto")  # modules pickled before `backend` existed
+        return text if backend == "auto" else f"{text}, backend={backend!r}"
+
+
+class LSTM(_BackendChoice, nn.LSTM):
     __doc__ = (
         "Drop-in :class:`torch.nn.LSTM` whose recurrence runs in fused kernels.\n\n"
         "Takes nn.LSTM's arguments plus keyword-only ``backend`` ('auto', 'cpu', 'cuda', "
@@ -57,16 +73,6 @@ class LSTM(nn.LSTM):
         "hidden_size)] and (h_n, c_n). fp32/fp64 everywhere; fp16/bf16 on CUDA with fp32 "
         "accumulation and fp32 cell state.\n"
     )
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        _backends.check_backend_name(backend)
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        backend = getattr(self, "backend", "auto")
-        return text if backend == "auto" else f"{text}, backend={backend!r}"
 
     def _layer_weights(self):
         directions = 2 if self.bidirectional else 1
@@ -154,7 +160,7 @@ class LSTM(nn.LSTM):
                         f"{input.dtype}; they must match")
 
         backend = _backends.resolve_constant(self.backend, input.device, input.dtype)
-        with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
+        with torch.autocast(input.device.type, enabled=False) if autocast_dtype else contextlib.nullcontext():
             if batch_sizes is None:
                 steps_first = input.transpose(0, 1) if self.batch_first else input
                 steps, batch = steps_first.shape[0], steps_first.shape[1]
@@ -182,30 +188,12 @@ class LSTM(nn.LSTM):
         return output, self.permute_hidden(hidden, unsorted_indices)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_BackendChoice, nn.LSTMCell):
     __doc__ = (
         "Drop-in :class:`torch.nn.LSTMCell` whose step runs in a fused kernel.\n\n"
         "Takes nn.LSTMCell's arguments plus keyword-only ``backend``. input [B, input_size] or "
         "[input_size]; hx = (h [B, hidden_size], c [B, hidden_size]) or None; returns (h', c').\n"
     )
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        _backends.check_backend_name(backend)
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        backend = getattr(self, "backend", "auto")
-        return text if backend == "auto" else f"{text}, backend={backend!r}"
 
     def forward(self, input, hx=None):
         if _bypass_fused():
@@ -260,7 +248,7 @@ class LSTMCell(nn.LSTMCell):
                                        f"has dtype {weights[0].dtype}; they must match")
         backend = _backends.resolve_constant(self.backend, input.device, input.dtype)
         run_layer = layer_function(backend)
-        with torch.autocast(input.device.type, enabled=False) if autocast_dtype else _nullcontext():
+        with torch.autocast(input.device.type, enabled=False) if autocast_dtype else contextlib.nullcontext():
             _out, h, c = run_layer(input, None, hx[0], hx[1], *weights, reverse=False)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)

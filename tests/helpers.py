@@ -64,3 +64,11 @@ def fixed_weights(t):
 def make_packed(x, lengths, enforce_sorted):
     return pack_padded_sequence(x, torch.tensor(lengths), batch_first=False,
                                 enforce_sorted=enforce_sorted)
+
+
+def backend_params(device):
+    """pytest params for every backend that runs on `device` here (a skipped "cuda" without a GPU)."""
+    import pytest
+    if device == "cuda" and not torch.cuda.is_available():
+        return [pytest.param("cuda", marks=pytest.mark.cuda)]
+    return [pytest.param(name) for name in fastlstm.available_backends(device)]

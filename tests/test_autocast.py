@@ -3,7 +3,6 @@
 Low-precision results are judged against a float64 reference, relative to the error nn.LSTM makes
 under the same autocast: err(fastlstm) <= 2 * err(nn) + slack.
 """
-import importlib.util
 
 import pytest
 import torch
@@ -12,20 +11,7 @@ from torch import nn
 import fastlstm
 from fastlstm import _backends
 
-_BACKEND_MODULES = {"triton": "fastlstm.triton_lstm", "cpu": "fastlstm._extension",
-                    "cuda": "fastlstm._extension"}
-
-
-def _backends_for(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        return [pytest.param("cuda", marks=pytest.mark.cuda)]
-    params = []
-    for name in fastlstm.available_backends(device):
-        module = _BACKEND_MODULES.get(name)
-        missing = module is not None and importlib.util.find_spec(module) is None
-        params.append(pytest.param(name, marks=pytest.mark.skipif(
-            missing, reason=f"backend {name}: {module} is not part of this build")))
-    return params
+from helpers import backend_params as _backends_for  # noqa: E402
 
 
 # Slack: half a unit in the last place of the low-precision format at magnitude 1 (LSTM outputs

@@ -1,6 +1,5 @@
 """Forward and backward are bitwise reproducible run to run, also under
 torch.use_deterministic_algorithms(True)."""
-import importlib.util
 
 import pytest
 import torch
@@ -8,20 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
 
-_BACKEND_MODULES = {"triton": "fastlstm.triton_lstm", "cpu": "fastlstm._extension",
-                    "cuda": "fastlstm._extension"}
-
-
-def _backends_for(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        return [pytest.param("cuda", marks=pytest.mark.cuda)]
-    params = []
-    for name in fastlstm.available_backends(device):
-        module = _BACKEND_MODULES.get(name)
-        missing = module is not None and importlib.util.find_spec(module) is None
-        params.append(pytest.param(name, marks=pytest.mark.skipif(
-            missing, reason=f"backend {name}: {module} is not part of this build")))
-    return params
+from helpers import backend_params as _backends_for  # noqa: E402
 
 
 @pytest.fixture

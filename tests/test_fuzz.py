@@ -2,7 +2,6 @@
 invalid inputs that must fail exactly as nn.LSTM fails (same exception type) or succeed exactly
 as it succeeds (same results).
 """
-import importlib.util
 
 import pytest
 import torch
@@ -16,18 +15,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_BACKEND_MODULES = {"triton": "fastlstm.triton_lstm", "cpu": "fastlstm._extension",
-                    "cuda": "fastlstm._extension"}
-
-
-def _backends_for(device):
-    params = []
-    for name in fastlstm.available_backends(device):
-        module = _BACKEND_MODULES.get(name)
-        missing = module is not None and importlib.util.find_spec(module) is None
-        params.append(pytest.param(name, marks=pytest.mark.skipif(
-            missing, reason=f"backend {name}: {module} is not part of this build")))
-    return params
+from helpers import backend_params as _backends_for  # noqa: E402
 
 
 # Examples per backend: the reference backend gets many; the fused ones fewer and tinier (the

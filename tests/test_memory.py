@@ -8,7 +8,6 @@ The CPU allocator keeps no peak counter, so memory is measured two deterministic
   inside one op is not seen; everything it returns or saves is.
 """
 import gc
-import importlib.util
 import os
 import weakref
 
@@ -20,20 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 import fastlstm
 
-_BACKEND_MODULES = {"triton": "fastlstm.triton_lstm", "cpu": "fastlstm._extension",
-                    "cuda": "fastlstm._extension"}
-
-
-def _backends_for(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        return [pytest.param("cuda", marks=pytest.mark.cuda)]
-    params = []
-    for name in fastlstm.available_backends(device):
-        module = _BACKEND_MODULES.get(name)
-        missing = module is not None and importlib.util.find_spec(module) is None
-        params.append(pytest.param(name, marks=pytest.mark.skipif(
-            missing, reason=f"backend {name}: {module} is not part of this build")))
-    return params
+from helpers import backend_params as _backends_for  # noqa: E402
 
 
 class LiveTensorBytes(TorchDispatchMode):
