@@ -44,8 +44,22 @@ void forward_step_avx2(const ForwardStep<double>& step, int64_t live);
 void backward_step_avx2(const BackwardStep<float>& step, int64_t live);
 void backward_step_avx2(const BackwardStep<double>& step, int64_t live);
 
+// Defined in lstm_cpu_avx512.cpp.
+void forward_step_avx512(const ForwardStep<float>& step, int64_t live);
+void forward_step_avx512(const ForwardStep<double>& step, int64_t live);
+void backward_step_avx512(const BackwardStep<float>& step, int64_t live);
+void backward_step_avx512(const BackwardStep<double>& step, int64_t live);
+
 static bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+static bool cpu_has_avx512() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
   return has;
 }
 #endif
@@ -53,6 +67,7 @@ static bool cpu_has_avx2() {
 template <typename T>
 static void forward_step(const ForwardStep<T>& step, int64_t live) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx512()) return forward_step_avx512(step, live);
   if (cpu_has_avx2()) return forward_step_avx2(step, live);
 #endif
   forward_step_baseline(step, live);
@@ -61,6 +76,7 @@ static void forward_step(const ForwardStep<T>& step, int64_t live) {
 template <typename T>
 static void backward_step(const BackwardStep<T>& step, int64_t live) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx512()) return backward_step_avx512(step, live);
   if (cpu_has_avx2()) return backward_step_avx2(step, live);
 #endif
   backward_step_baseline(step, live);
