@@ -320,28 +320,32 @@ void backward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   // With a projection: the whole gradient reaching h, then the gradient reaching r.
   Tensor dh_total = w_hr.has_value() ? at::empty_like(dh) : Tensor();
   Tensor dr = w_hr.has_value() ? at::empty({batch, hidden}, dh.options()) : Tensor();
+  // Raw pointers, taken once: without a projection the loop touches no Tensor.
+  const T* gates_data = gates.data_ptr<T>();
+  const T* cells_data = cells.data_ptr<T>();
+  const T* c0_data = c0.data_ptr<T>();
+  const T* grad_out_data = grad_out.data_ptr<T>();
+  T* dc_data = dc.data_ptr<T>();
+  T* grad_xg_data = direct_grad ? grad_xg.data_ptr<T>() : nullptr;
+  T* scratch_data = direct_grad ? nullptr : scratch_grad.data_ptr<T>();
   // Backward visits the steps in the opposite order of the forward.
   for (int64_t s = steps - 1; s >= 0; --s) {
     const int64_t t = reverse ? steps - 1 - s : s;
     const int64_t offset = offsets[t], live = sizes[t];
     const int64_t prev_t = reverse ? t + 1 : t - 1;  // the step the forward visited before t
     const bool has_prev = prev_t >= 0 && prev_t < steps;
-    Tensor dh_live = dh.narrow(0, 0, live);
-    Tensor grad_out_rows = grad_out.narrow(0, offset, live);
     BackwardStep<T> step;
     step.hidden = hidden;
-    step.gates = gates.data_ptr<T>() + offset * 4 * hidden;
-    step.cells = cells.data_ptr<T>() + offset * hidden;
-    step.prev_cells = has_prev ? cells.data_ptr<T>() + offsets[prev_t] * hidden : nullptr;
+    step.gates = gates_data + offset * 4 * hidden;
+    step.cells = cells_data + offset * hidden;
+    step.prev_cells = has_prev ? cells_data + offsets[prev_t] * hidden : nullptr;
     step.prev_live = has_prev ? sizes[prev_t] : 0;
-    step.c0 = c0.data_ptr<T>();
-    step.dc = dc.data_ptr<T>();
-    Tensor grad_rows = direct_grad ? grad_xg.narrow(0, offset, live)
-                                   : scratch_grad.narrow(0, 0, live);
-    step.grad_gates = grad_rows.data_ptr<T>();
+    step.c0 = c0_data;
+    step.dc = dc_data;
+    step.grad_gates = direct_grad ? grad_xg_data + offset * 4 * hidden : scratch_data;
     if (w_hr.has_value()) {
       Tensor total = dh_total.narrow(0, 0, live);
-      at::add_out(total, dh_live, grad_out_rows);
+      at::add_out(total, dh.narrow(0, 0, live), grad_out.narrow(0, offset, live));
       grad_h_total.narrow(0, offset, live).copy_(total);
       // dr = total @ W_hr, W_hr being [P, H].
       step_gemm<T>(false, false, live, hidden, proj, total.data_ptr<T>(), proj,
@@ -349,11 +353,13 @@ void backward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
       step.dh = dr.data_ptr<T>();
       step.grad_out = nullptr;
     } else {
-      step.dh = dh.data_ptr<T>();
-      step.grad_out = grad_out_rows.data_ptr<T>();
+      step.dh = dh_data;
+      step.grad_out = grad_out_data + offset * proj;
     }
     backward_step(step, live);
-    if (!direct_grad) grad_xg.narrow(0, offset, live).copy_(grad_rows);
+    if (!direct_grad) {
+      grad_xg.narrow(0, offset, live).copy_(scratch_grad.narrow(0, 0, live));
+    }
     // dh = grad_gates @ W_hh, W_hh being [4H, P].
     step_gemm<T>(false, false, live, proj, 4 * hidden, step.grad_gates, 4 * hidden, w_hh_data,
                  proj, dh_data, proj);
