@@ -10,11 +10,27 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "lstm_cpu_kernels.h"
+
+#if defined(__linux__)
+// The Fortran BLAS that libtorch_cpu exports when torch is built with MKL or OpenBLAS. Declared
+// weak: a torch without them still loads this library, and the steps fall back to at::mm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+#define FASTLSTM_DIRECT_BLAS 1
+#endif
 
 FASTLSTM_DEFINE_CPU_STEP_KERNELS(baseline)
 
@@ -28,8 +44,22 @@ void forward_step_avx2(const ForwardStep<double>& step, int64_t live);
 void backward_step_avx2(const BackwardStep<float>& step, int64_t live);
 void backward_step_avx2(const BackwardStep<double>& step, int64_t live);
 
+// Defined in lstm_cpu_avx512.cpp.
+void forward_step_avx512(const ForwardStep<float>& step, int64_t live);
+void forward_step_avx512(const ForwardStep<double>& step, int64_t live);
+void backward_step_avx512(const BackwardStep<float>& step, int64_t live);
+void backward_step_avx512(const BackwardStep<double>& step, int64_t live);
+
 static bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+static bool cpu_has_avx512() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
   return has;
 }
 #endif
@@ -37,6 +67,7 @@ static bool cpu_has_avx2() {
 template <typename T>
 static void forward_step(const ForwardStep<T>& step, int64_t live) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx512()) return forward_step_avx512(step, live);
   if (cpu_has_avx2()) return forward_step_avx2(step, live);
 #endif
   forward_step_baseline(step, live);
@@ -45,6 +76,7 @@ static void forward_step(const ForwardStep<T>& step, int64_t live) {
 template <typename T>
 static void backward_step(const BackwardStep<T>& step, int64_t live) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx512()) return backward_step_avx512(step, live);
   if (cpu_has_avx2()) return backward_step_avx2(step, live);
 #endif
   backward_step_baseline(step, live);
@@ -53,6 +85,46 @@ static void backward_step(const BackwardStep<T>& step, int64_t live) {
 namespace {
 
 using at::Tensor;
+
+// ---- the per-step GEMM ----------------------------------------------------------------------
+
+// c[m, n] = a[m, k] @ b[k, n], row-major with leading dimensions; a_t / b_t say that a / b are
+// stored transposed ([k, m] / [n, k]). A small step's GEMM takes a few microseconds, and
+// at::mm_out's dispatch and the narrow()ed views around it took as long (B=8, H=128), so the
+// BLAS is called directly when torch exports one.
+template <typename T>
+void step_gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+#ifdef FASTLSTM_DIRECT_BLAS
+  constexpr bool is_float = std::is_same<T, float>::value;
+  const bool have = is_float ? sgemm_ != nullptr : dgemm_ != nullptr;
+  if (have && k > 0 && m < INT_MAX && n < INT_MAX && k < INT_MAX && lda < INT_MAX &&
+      ldb < INT_MAX && ldc < INT_MAX) {
+    // Column-major BLAS: c^T = b^T @ a^T.
+    const char ta = b_t ? 'T' : 'N', tb = a_t ? 'T' : 'N';
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
+              ildc = static_cast<int>(ldc);
+    const T one = 1, zero = 0;
+    if constexpr (is_float) {
+      sgemm_(&ta, &tb, &im, &in, &ik, &one, b, &ilda, a, &ildb, &zero, c, &ildc);
+    } else {
+      dgemm_(&ta, &tb, &im, &in, &ik, &one, b, &ilda, a, &ildb, &zero, c, &ildc);
+    }
+    return;
+  }
+#endif
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  T* a_mut = const_cast<T*>(a);
+  T* b_mut = const_cast<T*>(b);
+  Tensor a_view = a_t ? at::from_blob(a_mut, {m, k}, {1, lda}, options)
+                      : at::from_blob(a_mut, {m, k}, {lda, 1}, options);
+  Tensor b_view = b_t ? at::from_blob(b_mut, {k, n}, {1, ldb}, options)
+                      : at::from_blob(b_mut, {k, n}, {ldb, 1}, options);
+  Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  at::mm_out(c_view, a_view, b_view);
+}
 
 // ---- argument checks: every tensor is checked before any memory is touched ------------------
 
@@ -144,24 +216,40 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
   // Gates of one step when they are not saved; r = o * tanh(c) before the projection.
   Tensor scratch_gates = save ? Tensor() : at::empty({batch, 4 * hidden}, h.options());
   Tensor r = w_hr.has_value() ? at::empty({batch, hidden}, h.options()) : Tensor();
+  // Raw pointers, taken once: the loop touches no Tensor on the direct path.
+  const T* input_data = input_gates.data_ptr<T>();
+  const T* w_hh_t_data = w_hh_t.data_ptr<T>();
+  const T* w_hr_data = w_hr.has_value() ? w_hr->data_ptr<T>() : nullptr;
+  T* h_data = h.data_ptr<T>();
+  T* c_data = c.data_ptr<T>();
+  T* r_data = w_hr.has_value() ? r.data_ptr<T>() : nullptr;
+  T* gates_data = save ? gates.data_ptr<T>() : nullptr;
+  T* cells_data = save ? cells.data_ptr<T>() : nullptr;
+  T* scratch_data = save ? nullptr : scratch_gates.data_ptr<T>();
+  T* out_data = direct_out ? out.data_ptr<T>() : nullptr;
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = reverse ? steps - 1 - s : s;
     const int64_t offset = offsets[t], live = sizes[t];
-    Tensor step_gates = save ? gates.narrow(0, offset, live) : scratch_gates.narrow(0, 0, live);
-    Tensor h_live = h.narrow(0, 0, live);
-    at::mm_out(step_gates, h_live, w_hh_t);
+    T* step_gates = save ? gates_data + offset * 4 * hidden : scratch_data;
+    step_gemm<T>(false, false, live, 4 * hidden, proj, h_data, proj, w_hh_t_data, 4 * hidden,
+                 step_gates, 4 * hidden);
     ForwardStep<T> step;
     step.hidden = hidden;
-    step.input_gates = input_gates.data_ptr<T>() + offset * 4 * hidden;
-    step.gates = step_gates.data_ptr<T>();
-    step.c = c.data_ptr<T>();
-    step.cells = save ? cells.data_ptr<T>() + offset * hidden : nullptr;
-    step.r = w_hr.has_value() ? r.data_ptr<T>() : h.data_ptr<T>();
+    step.input_gates = input_data + offset * 4 * hidden;
+    step.gates = step_gates;
+    step.c = c_data;
+    step.cells = save ? cells_data + offset * hidden : nullptr;
+    step.r = w_hr.has_value() ? r_data : h_data;
     step.r_stride = w_hr.has_value() ? hidden : proj;
-    step.r_copy = direct_out ? out.data_ptr<T>() + offset * proj : nullptr;
+    step.r_copy = direct_out ? out_data + offset * proj : nullptr;
     forward_step(step, live);
-    if (w_hr.has_value()) at::mm_out(h_live, r.narrow(0, 0, live), w_hr->t());
+    if (w_hr.has_value()) {
+      // h = r @ W_hr^T, W_hr being [P, H].
+      step_gemm<T>(false, true, live, proj, hidden, r_data, hidden, w_hr_data, hidden, h_data,
+                   proj);
+    }
     if (!direct_out) {
+      Tensor h_live = h.narrow(0, 0, live);
       Tensor out_rows = out.narrow(0, offset, live);
       out_rows.copy_(h_live);
       // The next step reads h as the caller's dtype holds it.
@@ -224,45 +312,57 @@ void backward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   const int64_t steps = static_cast<int64_t>(sizes.size());
   const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = dh.size(0);
+  const int64_t proj = dh.size(1);
   const bool direct_grad = grad_xg.scalar_type() == dh.scalar_type();
+  const T* w_hh_data = w_hh.data_ptr<T>();
+  T* dh_data = dh.data_ptr<T>();
   Tensor scratch_grad = direct_grad ? Tensor() : at::empty({batch, 4 * hidden}, dh.options());
   // With a projection: the whole gradient reaching h, then the gradient reaching r.
   Tensor dh_total = w_hr.has_value() ? at::empty_like(dh) : Tensor();
   Tensor dr = w_hr.has_value() ? at::empty({batch, hidden}, dh.options()) : Tensor();
+  // Raw pointers, taken once: without a projection the loop touches no Tensor.
+  const T* gates_data = gates.data_ptr<T>();
+  const T* cells_data = cells.data_ptr<T>();
+  const T* c0_data = c0.data_ptr<T>();
+  const T* grad_out_data = grad_out.data_ptr<T>();
+  T* dc_data = dc.data_ptr<T>();
+  T* grad_xg_data = direct_grad ? grad_xg.data_ptr<T>() : nullptr;
+  T* scratch_data = direct_grad ? nullptr : scratch_grad.data_ptr<T>();
   // Backward visits the steps in the opposite order of the forward.
   for (int64_t s = steps - 1; s >= 0; --s) {
     const int64_t t = reverse ? steps - 1 - s : s;
     const int64_t offset = offsets[t], live = sizes[t];
     const int64_t prev_t = reverse ? t + 1 : t - 1;  // the step the forward visited before t
     const bool has_prev = prev_t >= 0 && prev_t < steps;
-    Tensor dh_live = dh.narrow(0, 0, live);
-    Tensor grad_out_rows = grad_out.narrow(0, offset, live);
     BackwardStep<T> step;
     step.hidden = hidden;
-    step.gates = gates.data_ptr<T>() + offset * 4 * hidden;
-    step.cells = cells.data_ptr<T>() + offset * hidden;
-    step.prev_cells = has_prev ? cells.data_ptr<T>() + offsets[prev_t] * hidden : nullptr;
+    step.gates = gates_data + offset * 4 * hidden;
+    step.cells = cells_data + offset * hidden;
+    step.prev_cells = has_prev ? cells_data + offsets[prev_t] * hidden : nullptr;
     step.prev_live = has_prev ? sizes[prev_t] : 0;
-    step.c0 = c0.data_ptr<T>();
-    step.dc = dc.data_ptr<T>();
-    Tensor grad_rows = direct_grad ? grad_xg.narrow(0, offset, live)
-                                   : scratch_grad.narrow(0, 0, live);
-    step.grad_gates = grad_rows.data_ptr<T>();
+    step.c0 = c0_data;
+    step.dc = dc_data;
+    step.grad_gates = direct_grad ? grad_xg_data + offset * 4 * hidden : scratch_data;
     if (w_hr.has_value()) {
       Tensor total = dh_total.narrow(0, 0, live);
-      at::add_out(total, dh_live, grad_out_rows);
+      at::add_out(total, dh.narrow(0, 0, live), grad_out.narrow(0, offset, live));
       grad_h_total.narrow(0, offset, live).copy_(total);
-      Tensor dr_live = dr.narrow(0, 0, live);
-      at::mm_out(dr_live, total, *w_hr);
+      // dr = total @ W_hr, W_hr being [P, H].
+      step_gemm<T>(false, false, live, hidden, proj, total.data_ptr<T>(), proj,
+                   w_hr->data_ptr<T>(), hidden, dr.data_ptr<T>(), hidden);
       step.dh = dr.data_ptr<T>();
       step.grad_out = nullptr;
     } else {
-      step.dh = dh.data_ptr<T>();
-      step.grad_out = grad_out_rows.data_ptr<T>();
+      step.dh = dh_data;
+      step.grad_out = grad_out_data + offset * proj;
     }
     backward_step(step, live);
-    if (!direct_grad) grad_xg.narrow(0, offset, live).copy_(grad_rows);
-    at::mm_out(dh_live, grad_rows, w_hh);
+    if (!direct_grad) {
+      grad_xg.narrow(0, offset, live).copy_(scratch_grad.narrow(0, 0, live));
+    }
+    // dh = grad_gates @ W_hh, W_hh being [4H, P].
+    step_gemm<T>(false, false, live, proj, 4 * hidden, step.grad_gates, 4 * hidden, w_hh_data,
+                 proj, dh_data, proj);
   }
 }
 

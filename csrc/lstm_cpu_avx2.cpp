@@ -7,6 +7,9 @@
 // Vectorized<T>, whose exp/tanh are SLEEF's (exported by libtorch_cpu).
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma")
+// Inlined 256-bit values passed by value trigger GCC's note on the ABI of 32-byte arguments
+// (changed in GCC 4.6); these functions never cross a library boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #ifndef __AVX__
 #define __AVX__ 1
 #endif

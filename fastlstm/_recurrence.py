@@ -186,6 +186,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells)
 
 
+def _grad_w_hh(grad_xg, out, h0, batch_sizes, reverse):
+    """dW_hh = grad_xg^T @ h_prev, summed over rows."""
+    batch, num_rows = h0.shape[0], out.shape[0]
+    if batch_sizes.numel() != 0 or batch == 0 or num_rows <= batch:
+        return grad_xg.t().mm(previous_hidden(out, h0, batch_sizes, reverse))
+    # Dense input: h_prev is `out` shifted by one step, with h0 at the first visited step. Two
+    # GEMMs over views instead of materializing h_prev, a copy of `out` per layer.
+    if reverse:
+        first = grad_xg[num_rows - batch:].t().mm(h0)
+        return torch.addmm(first, grad_xg[:num_rows - batch].t(), out[batch:])
+    first = grad_xg[:batch].t().mm(h0)
+    return torch.addmm(first, grad_xg[batch:].t(), out[:num_rows - batch])
+
+
 def make_backward(backward_op):
     """The autograd formula for recurrence_forward, given the backend's backward op."""
 
@@ -201,8 +215,7 @@ def make_backward(backward_op):
             grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, ctx.reverse)
         grad_w_hh = grad_w_hr = None
         if ctx.needs_input_grad[4]:
-            h_prev = previous_hidden(out, h0, batch_sizes, ctx.reverse)
-            grad_w_hh = grad_xg.t().mm(h_prev)
+            grad_w_hh = _grad_w_hh(grad_xg, out, h0, batch_sizes, ctx.reverse)
         if ctx.has_proj and ctx.needs_input_grad[5]:
             hidden = c0.shape[1]
             r = (gates[:, 3 * hidden:] * cells.tanh()).to(out.dtype)
