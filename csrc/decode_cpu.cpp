@@ -147,11 +147,13 @@ const DotKernels& dot_kernels() {
   return kernels;
 }
 
-// A parallel region only for very large matrices (32 MB of float32 and up). At batch 1 the step
-// is bound by memory bandwidth, and waking OpenMP threads pays only when the machine has idle
-// cores: on a 2-core machine under load, (10000, 256, 512, 2) took 10.3 ms a token on one thread
-// and 34-70 ms with the work split over two.
-constexpr int64_t kMinWeightsPerTask = int64_t(1) << 23;
+// A parallel task covers at least 512K weights (2 MB of float32): small models stay on one
+// thread, where waking OpenMP threads costs more than the step. At batch 1 the step is bound by
+// memory bandwidth, which a second core adds to: (10000, 256, 512, 2) went from 2.43 ms a token on
+// one thread to 1.45 ms on two (2-core Xeon, load ~1.6, `python -m fastlstm.bench --suites
+// decode`). On a machine whose cores are all busy the split costs instead (34-70 ms against
+// 10.3 ms at load 8 on 2 cores): torch.set_num_threads(1) keeps the op on one thread.
+constexpr int64_t kMinWeightsPerTask = int64_t(1) << 19;
 
 int64_t grain_for(int64_t weights_per_item) {
   return std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, weights_per_item));
