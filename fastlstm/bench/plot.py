@@ -36,10 +36,22 @@ def _panel_title(key) -> str:
     return f"{backend} on {where}\n{device} {dtypes}"
 
 
+def _panel_figure(plt, panels, panel_width):
+    """One figure with a panel per group, side by side: (figure, [(axis, (key, records))])."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.2),
+                                squeeze=False)
+    return figure, list(zip(axes[0], sorted(panels.items())))
+
+
+def _save(plt, figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def _speedup_plot(plt, panels, x_field, line_fields, xlabel, path):
-    count = len(panels)
-    figure, axes = plt.subplots(1, count, figsize=(5.5 * count, 4.2), squeeze=False)
-    for axis, (key, group) in zip(axes[0], sorted(panels.items())):
+    figure, panel_axes = _panel_figure(plt, panels, 5.5)
+    for axis, (key, group) in panel_axes:
         lines: dict = {}
         for record in group:
             shape = record["shape"]
@@ -60,15 +72,12 @@ def _speedup_plot(plt, panels, x_field, line_fields, xlabel, path):
         axis.set_title(_panel_title(key), fontsize=9)
         axis.legend(fontsize=7)
         axis.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def _decode_plot(plt, panels, path):
-    count = len(panels)
-    figure, axes = plt.subplots(1, count, figsize=(6 * count, 4.2), squeeze=False)
-    for axis, (key, group) in zip(axes[0], sorted(panels.items())):
+    figure, panel_axes = _panel_figure(plt, panels, 6)
+    for axis, (key, group) in panel_axes:
         labels = sorted({r["shape_label"] for r in group})
         series: dict = {"fastlstm generate": {}, "floor (one read of the weights)": {}}
         for record in group:
@@ -88,15 +97,12 @@ def _decode_plot(plt, panels, path):
         axis.set_title(_panel_title(key), fontsize=9)
         axis.legend(fontsize=7)
         axis.grid(True, axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def _sample_plot(plt, panels, path):
-    count = len(panels)
-    figure, axes = plt.subplots(1, count, figsize=(5.5 * count, 4.2), squeeze=False)
-    for axis, (key, group) in zip(axes[0], sorted(panels.items())):
+    figure, panel_axes = _panel_figure(plt, panels, 5.5)
+    for axis, (key, group) in panel_axes:
         by_batch: dict = {}
         for record in group:
             by_batch.setdefault(record["shape"]["batch"], []).append(record)
@@ -117,9 +123,7 @@ def _sample_plot(plt, panels, path):
         axis.set_title(_panel_title(key), fontsize=9)
         axis.legend(fontsize=7)
         axis.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def draw(records: list[dict], directory: str, prefix: str = "") -> list[str]:
