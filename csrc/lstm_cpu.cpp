@@ -10,12 +10,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <climits>
+#include <cstdlib>
 #include <optional>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_buffers.h"
 #include "lstm_cpu_kernels.h"
 
 #if defined(__linux__)
@@ -28,6 +33,14 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (libtorch_cpu exports it when built with MKL): a weight matrix packed once
+// into MKL's internal layout, then multiplied every step without being repacked.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 }
 #define FASTLSTM_DIRECT_BLAS 1
 #endif
@@ -39,16 +52,16 @@ namespace cpu {
 
 #if defined(__x86_64__) || defined(_M_X64)
 // Defined in lstm_cpu_avx2.cpp, compiled for AVX2 + FMA.
-void forward_step_avx2(const ForwardStep<float>& step, int64_t live);
-void forward_step_avx2(const ForwardStep<double>& step, int64_t live);
-void backward_step_avx2(const BackwardStep<float>& step, int64_t live);
-void backward_step_avx2(const BackwardStep<double>& step, int64_t live);
+void forward_rows_avx2(const ForwardStep<float>& step, int64_t begin, int64_t end);
+void forward_rows_avx2(const ForwardStep<double>& step, int64_t begin, int64_t end);
+void backward_rows_avx2(const BackwardStep<float>& step, int64_t begin, int64_t end);
+void backward_rows_avx2(const BackwardStep<double>& step, int64_t begin, int64_t end);
 
 // Defined in lstm_cpu_avx512.cpp.
-void forward_step_avx512(const ForwardStep<float>& step, int64_t live);
-void forward_step_avx512(const ForwardStep<double>& step, int64_t live);
-void backward_step_avx512(const BackwardStep<float>& step, int64_t live);
-void backward_step_avx512(const BackwardStep<double>& step, int64_t live);
+void forward_rows_avx512(const ForwardStep<float>& step, int64_t begin, int64_t end);
+void forward_rows_avx512(const ForwardStep<double>& step, int64_t begin, int64_t end);
+void backward_rows_avx512(const BackwardStep<float>& step, int64_t begin, int64_t end);
+void backward_rows_avx512(const BackwardStep<double>& step, int64_t begin, int64_t end);
 
 static bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -64,22 +77,42 @@ static bool cpu_has_avx512() {
 }
 #endif
 
+// The pointwise part of a step for rows [begin, end), in the widest instruction set the CPU has.
+template <typename T>
+static void forward_rows(const ForwardStep<T>& step, int64_t begin, int64_t end) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx512()) return forward_rows_avx512(step, begin, end);
+  if (cpu_has_avx2()) return forward_rows_avx2(step, begin, end);
+#endif
+  forward_rows_baseline(step, begin, end);
+}
+
+template <typename T>
+static void backward_rows(const BackwardStep<T>& step, int64_t begin, int64_t end) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx512()) return backward_rows_avx512(step, begin, end);
+  if (cpu_has_avx2()) return backward_rows_avx2(step, begin, end);
+#endif
+  backward_rows_baseline(step, begin, end);
+}
+
+// Rows per parallel task: enough hidden units that a task outweighs the cost of handing it out.
+static int64_t grain_rows(int64_t hidden) {
+  constexpr int64_t kUnitsPerTask = 8192;
+  return hidden >= kUnitsPerTask ? 1 : kUnitsPerTask / hidden;
+}
+
+// The pointwise part of a step over all its live rows, the rows split among threads.
 template <typename T>
 static void forward_step(const ForwardStep<T>& step, int64_t live) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (cpu_has_avx512()) return forward_step_avx512(step, live);
-  if (cpu_has_avx2()) return forward_step_avx2(step, live);
-#endif
-  forward_step_baseline(step, live);
+  at::parallel_for(0, live, grain_rows(step.hidden),
+                   [&](int64_t begin, int64_t end) { forward_rows(step, begin, end); });
 }
 
 template <typename T>
 static void backward_step(const BackwardStep<T>& step, int64_t live) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (cpu_has_avx512()) return backward_step_avx512(step, live);
-  if (cpu_has_avx2()) return backward_step_avx2(step, live);
-#endif
-  backward_step_baseline(step, live);
+  at::parallel_for(0, live, grain_rows(step.hidden),
+                   [&](int64_t begin, int64_t end) { backward_rows(step, begin, end); });
 }
 
 namespace {
@@ -125,6 +158,75 @@ void step_gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, const T* a, 
   Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
   at::mm_out(c_view, a_view, b_view);
 }
+
+// C[m, n] = A[m, k] @ B[k, n] for a B that stays fixed over a layer's steps (row-major, B
+// contiguous). A plain sgemm repacks B on every call: at batch 16 and H = 512, copying the
+// weights into MKL's panel layout took a fifth of the step's GEMM time. With MKL, B is packed
+// once for the batch size `m` of a dense step and reused; any other row count (the shorter
+// steps of a packed sequence) takes the plain GEMM, as MKL documents the packed matrix for the
+// m, n, k it was packed with.
+template <typename T>
+class FixedRightGemm {
+ public:
+  FixedRightGemm() = default;
+  FixedRightGemm(const FixedRightGemm&) = delete;
+  FixedRightGemm& operator=(const FixedRightGemm&) = delete;
+
+  // Call from the thread that will run the products (MKL packs for that thread count).
+  void prepare(const T* b, int64_t m, int64_t k, int64_t n) {
+    b_ = b;
+    m_ = m;
+    k_ = k;
+    n_ = n;
+#ifdef FASTLSTM_DIRECT_BLAS
+    if constexpr (std::is_same<T, float>::value) {
+      if (cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+          cblas_sgemm_compute != nullptr && m > 0 && n > 0 && k > 0 && m < INT_MAX &&
+          n < INT_MAX && k < INT_MAX) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(m),
+                                                       static_cast<int>(n), static_cast<int>(k));
+        // Inside the parallel region nothing may throw past the barrier: without memory for
+        // the packed copy, the plain GEMM is used.
+        try {
+          storage_ = cached_empty({static_cast<int64_t>(bytes)}, at::TensorOptions(at::kByte));
+          packed_ = reinterpret_cast<float*>(storage_.data_ptr<uint8_t>());
+        } catch (...) {
+          packed_ = nullptr;
+        }
+        if (packed_ != nullptr) {
+          cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, static_cast<int>(m),
+                           static_cast<int>(n), static_cast<int>(k), 1.0f, b,
+                           static_cast<int>(n), packed_);
+        }
+      }
+    }
+#endif
+  }
+
+  void run(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc) const {
+    if (m == 0) return;
+#ifdef FASTLSTM_DIRECT_BLAS
+    if constexpr (std::is_same<T, float>::value) {
+      if (packed_ != nullptr && m == m_ && lda < INT_MAX && ldc < INT_MAX) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),
+                            static_cast<int>(n_), static_cast<int>(k_), a,
+                            static_cast<int>(lda), packed_, static_cast<int>(n_), 0.0f, c,
+                            static_cast<int>(ldc));
+        return;
+      }
+    }
+#endif
+    step_gemm<T>(false, false, m, n_, k_, a, lda, b_, n_, c, ldc);
+  }
+
+ private:
+  // CBLAS enumerators.
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;
+  const T* b_ = nullptr;
+  int64_t m_ = 0, k_ = 0, n_ = 0;
+  at::Tensor storage_;  // holds packed_
+  float* packed_ = nullptr;
+};
 
 // ---- argument checks: every tensor is checked before any memory is touched ------------------
 
@@ -199,6 +301,317 @@ Tensor to_acc(const Tensor& tensor, at::ScalarType acc) {
   return tensor.scalar_type() == acc ? tensor : tensor.to(acc);
 }
 
+// ---- the recurrence of fp32/fp64 layers without projection: threads own hidden units --------
+//
+// One parallel region runs every step. Part k of the hidden units [u_k, u_k+1) belongs to one
+// thread for the whole sequence, with its slice of W_hh (packed contiguous, so it stays in that
+// core's cache) and its c. Per step a thread multiplies h_prev by its W_hh slice (a single-thread
+// BLAS call), applies the cell to its units and writes its columns of h straight into `out`;
+// one barrier per step then makes the step's h visible to every thread. Against one
+// multi-threaded GEMM and one parallel pointwise pass per step, this saves two fork/joins a step
+// and splits the pointwise work, which at H <= 256 costs about as much as the GEMM.
+
+#if defined(__x86_64__) || defined(_M_X64)
+inline void cpu_relax() { __builtin_ia32_pause(); }
+#else
+inline void cpu_relax() {}
+#endif
+
+// A spin barrier for the threads of one at::parallel_for region. Each thread arrives with the
+// number of parts it runs, so the barrier opens once every part has arrived, however many threads
+// OpenMP gave the region (a single thread running every part never waits).
+class PartBarrier {
+ public:
+  explicit PartBarrier(int64_t parts) : parts_(parts) {}
+
+  void arrive_and_wait(int64_t weight) {
+    if (weight == parts_) return;
+    const int64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(weight, std::memory_order_acq_rel) + weight == parts_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(generation + 1, std::memory_order_release);
+      return;
+    }
+    // Spin briefly (a step is microseconds), then yield so that an oversubscribed machine
+    // still makes progress.
+    for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < kSpins) {
+        cpu_relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kSpins = 1 << 14;
+  const int64_t parts_;
+  alignas(64) std::atomic<int64_t> arrived_{0};
+  alignas(64) std::atomic<int64_t> generation_{0};
+};
+
+// Asks the cache for columns [begin, end) of `rows` rows of a row-major matrix (leading dimension
+// ld), ahead of their use. A part's pointwise pass reads its units' columns of the step's input
+// gates (or saved gates), which the input projection wrote long before and which have left the
+// cache: issued before the step's GEMM, the loads overlap it instead of stalling the cell math.
+template <typename T>
+inline void prefetch_columns(const T* data, int64_t rows, int64_t ld, int64_t begin,
+                             int64_t end) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* base = data + row * ld;
+    for (int64_t j = begin; j < end; j += kLine) __builtin_prefetch(base + j, 0, 2);
+  }
+}
+
+// How a layer's recurrence is divided among threads. The batch rows are independent sequences,
+// so a thread that owns rows [r_k, r_k+1) runs them through every step on its own, with no
+// synchronization at all; it reads the whole of W_hh each step. When W_hh is too large to stay in
+// one core's cache, or the batch too small to divide, threads own hidden units [u_k, u_k+1)
+// instead, with only their slice of W_hh, and meet at one barrier per step.
+struct Partition {
+  bool by_rows = false;
+  std::vector<int64_t> bounds{0, 0};  // part k owns rows or units [bounds[k], bounds[k + 1])
+
+  int64_t parts() const { return static_cast<int64_t>(bounds.size()) - 1; }
+  int64_t unit_begin(int64_t k) const { return by_rows ? 0 : bounds[k]; }
+  int64_t unit_end(int64_t k, int64_t hidden) const { return by_rows ? hidden : bounds[k + 1]; }
+  // Rows of part k among the step's `live` rows.
+  int64_t row_begin(int64_t k, int64_t live) const {
+    return by_rows ? std::min(bounds[k], live) : 0;
+  }
+  int64_t row_end(int64_t k, int64_t live) const {
+    return by_rows ? std::min(bounds[k + 1], live) : live;
+  }
+};
+
+Partition partition(int64_t hidden, int64_t batch, int64_t element_size) {
+  // Each part's GEMM per step must outweigh handing out the work (and, by units, a barrier of
+  // about a microsecond): at least kMinMacsPerPart multiply-adds.
+  constexpr int64_t kMinMacsPerPart = 1 << 17;
+  constexpr int64_t kMinUnits = 32;       // by units: whole SIMD vectors, no shared cache lines
+  constexpr int64_t kMinRows = 16;        // by rows: fewer rows make a GEMV-like GEMM (B=8, H=128:
+                                          // 10% slower than by units)
+  // By rows when every thread's copy of W_hh fits in its share of the cache (L2 on current x86
+  // server cores is 1-2 MiB).
+  constexpr int64_t kRowsMaxWeightBytes = int64_t(1) << 20;
+  int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+#ifndef FASTLSTM_DIRECT_BLAS
+  threads = 1;  // at::mm_out inside the region could throw past a barrier
+#else
+  if (sgemm_ == nullptr || dgemm_ == nullptr) threads = 1;
+#endif
+  const int64_t macs = batch * 4 * hidden * hidden;
+  threads = std::max<int64_t>(1, std::min(threads, macs / kMinMacsPerPart));
+  Partition result;
+  result.by_rows =
+      4 * hidden * hidden * element_size <= kRowsMaxWeightBytes && batch >= 2 * kMinRows;
+  const int64_t extent = result.by_rows ? batch : hidden;
+  const int64_t granule = result.by_rows ? 4 : 64 / element_size;
+  const int64_t minimum = result.by_rows ? kMinRows : kMinUnits;
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, extent / minimum));
+  const int64_t per_part = (extent + parts - 1) / parts;
+  const int64_t chunk = (per_part + granule - 1) / granule * granule;
+  result.bounds.assign(1, 0);
+  while (result.bounds.back() < extent) {
+    result.bounds.push_back(std::min(extent, result.bounds.back() + chunk));
+  }
+  if (result.bounds.size() == 1) result.bounds.push_back(0);
+  return result;
+}
+
+template <typename T>
+void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
+                   const Tensor& input_gates, const Tensor& w_hh, const Tensor& h0, Tensor& c,
+                   Tensor& out, Tensor& gates, Tensor& cells, bool save, Tensor& h_n) {
+  const int64_t steps = static_cast<int64_t>(sizes.size());
+  const std::vector<int64_t> offsets = step_offsets(sizes);
+  const int64_t batch = h0.size(0);
+  const Partition split = partition(hidden, batch, sizeof(T));
+  const int64_t parts = split.parts();
+  // W_hh^T by unit part: part k is a contiguous [H, 4 n_k] block whose columns are its units'
+  // i, f, g, o pre-activations, at offset 4 H u_k (by rows: the one block of all units).
+  Tensor packed = cached_empty({hidden, 4 * hidden}, w_hh.options());
+  for (int64_t k = 0; k < (split.by_rows ? 1 : parts); ++k) {
+    const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
+    Tensor block = at::from_blob(packed.data_ptr<T>() + hidden * 4 * u0, {hidden, 4, n},
+                                 w_hh.options());
+    block.copy_(w_hh.view({4, hidden, hidden}).narrow(1, u0, n).permute({2, 0, 1}));
+  }
+  // h_prev @ W_hh^T of the step: by units, part k's [B, 4 n_k] at offset 4 B u_k; by rows,
+  // one [B, 4H] matrix.
+  Tensor scratch = cached_empty({batch * 4 * hidden}, w_hh.options());
+  const T* xg = input_gates.data_ptr<T>();
+  const T* h0_data = h0.data_ptr<T>();
+  const T* packed_data = packed.data_ptr<T>();
+  T* scratch_data = scratch.data_ptr<T>();
+  T* c_data = c.data_ptr<T>();
+  T* out_data = out.data_ptr<T>();
+  T* gates_data = save ? gates.data_ptr<T>() : nullptr;
+  T* cells_data = save ? cells.data_ptr<T>() : nullptr;
+  PartBarrier barrier(parts);
+  std::vector<FixedRightGemm<T>> products(parts);
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    for (int64_t k = part_begin; k < part_end; ++k) {
+      const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
+      products[k].prepare(packed_data + hidden * 4 * u0,
+                          split.row_end(k, batch) - split.row_begin(k, batch), hidden, 4 * n);
+    }
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = reverse ? steps - 1 - s : s;
+      const int64_t offset = offsets[t], live = sizes[t];
+      // h_prev: the previous visited step's rows of `out` for the sequences live there, h0 for
+      // the rest (sequences that start at this step, in the reverse direction).
+      const int64_t prev_t = reverse ? t + 1 : t - 1;
+      const bool has_prev = s > 0;
+      const int64_t carried = has_prev ? std::min(live, sizes[prev_t]) : 0;
+      const T* h_prev = has_prev ? out_data + offsets[prev_t] * hidden : nullptr;
+      const T* step_xg = xg + offset * 4 * hidden;
+      for (int64_t k = part_begin; k < part_end; ++k) {
+        const int64_t u0 = split.unit_begin(k), u1 = split.unit_end(k, hidden), n = u1 - u0;
+        const int64_t r0 = split.row_begin(k, live), r1 = split.row_end(k, live);
+        if (r0 == r1) continue;
+        for (int64_t g = 0; g < 4; ++g) {
+          prefetch_columns(step_xg + r0 * 4 * hidden, r1 - r0, 4 * hidden, g * hidden + u0,
+                           g * hidden + u1);
+        }
+        // This part's pre-activations of row b are at pre + b * ld.
+        T* pre = split.by_rows ? scratch_data : scratch_data + batch * 4 * u0;
+        const int64_t ld = 4 * n;
+        const int64_t mid = std::min(std::max(carried, r0), r1);  // rows [r0, mid) carried
+        products[k].run(mid - r0, h_prev + r0 * hidden, hidden, pre + r0 * ld, ld);
+        products[k].run(r1 - mid, h0_data + mid * hidden, hidden, pre + mid * ld, ld);
+        ForwardStep<T> step;
+        step.hidden = hidden;
+        step.unit_begin = u0;
+        step.unit_end = u1;
+        step.input_gates = step_xg;
+        step.gemm = pre;
+        step.gemm_ld = ld;
+        step.gemm_gate = n;
+        step.gates = save ? gates_data + offset * 4 * hidden : nullptr;
+        step.c = c_data;
+        step.cells = save ? cells_data + offset * hidden : nullptr;
+        step.r = out_data + offset * hidden;
+        step.r_stride = hidden;
+        forward_rows(step, r0, r1);
+      }
+      if (!split.by_rows && s + 1 < steps) barrier.arrive_and_wait(part_end - part_begin);
+    }
+  });
+  // h_n: each row's h after the last step it was live in; h0 for rows never live.
+  h_n.copy_(h0);
+  T* h_n_data = h_n.data_ptr<T>();
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t last = -1;
+    if (reverse) {
+      if (steps > 0 && sizes[0] > b) last = 0;
+    } else {
+      // Live rows never increase, so the rows live at step t are a prefix.
+      int64_t lo = 0, hi = steps;  // steps [0, lo) have row b live
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (sizes[mid] > b) lo = mid + 1; else hi = mid;
+      }
+      last = lo - 1;
+    }
+    if (last >= 0) {
+      std::copy_n(out_data + (offsets[last] + b) * hidden, hidden, h_n_data + b * hidden);
+    }
+  }
+}
+
+template <typename T>
+void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
+                    const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
+                    const Tensor& gates, const Tensor& cells, Tensor& dh, Tensor& dc,
+                    Tensor& grad_xg) {
+  const int64_t steps = static_cast<int64_t>(sizes.size());
+  const std::vector<int64_t> offsets = step_offsets(sizes);
+  const int64_t batch = dh.size(0);
+  const Partition split = partition(hidden, batch, sizeof(T));
+  const int64_t parts = split.parts();
+  // W_hh by unit part: part k is the contiguous [4H, n_k] block of its units' columns, at offset
+  // 4H u_k (by rows: W_hh itself).
+  Tensor packed;
+  if (split.by_rows) {
+    packed = w_hh;
+  } else {
+    packed = cached_empty({4 * hidden * hidden}, w_hh.options());
+    for (int64_t k = 0; k < parts; ++k) {
+      const int64_t u0 = split.bounds[k], n = split.bounds[k + 1] - u0;
+      at::from_blob(packed.data_ptr<T>() + 4 * hidden * u0, {4 * hidden, n}, w_hh.options())
+          .copy_(w_hh.narrow(1, u0, n));
+    }
+  }
+  const T* packed_data = packed.data_ptr<T>();
+  const T* gates_data = gates.data_ptr<T>();
+  const T* cells_data = cells.data_ptr<T>();
+  const T* c0_data = c0.data_ptr<T>();
+  const T* grad_out_data = grad_out.data_ptr<T>();
+  T* dh_data = dh.data_ptr<T>();
+  T* dc_data = dc.data_ptr<T>();
+  T* grad_xg_data = grad_xg.data_ptr<T>();
+  PartBarrier barrier(parts);
+  std::vector<FixedRightGemm<T>> products(parts);
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    for (int64_t k = part_begin; k < part_end; ++k) {
+      const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
+      products[k].prepare(packed_data + 4 * hidden * u0,
+                          split.row_end(k, batch) - split.row_begin(k, batch), 4 * hidden, n);
+    }
+    // Backward visits the steps in the opposite order of the forward.
+    for (int64_t s = steps - 1; s >= 0; --s) {
+      const int64_t t = reverse ? steps - 1 - s : s;
+      const int64_t offset = offsets[t], live = sizes[t];
+      const int64_t prev_t = reverse ? t + 1 : t - 1;  // the step the forward visited before t
+      const bool has_prev = prev_t >= 0 && prev_t < steps;
+      T* grad_gates = grad_xg_data + offset * 4 * hidden;
+      for (int64_t k = part_begin; k < part_end; ++k) {
+        BackwardStep<T> step;
+        step.hidden = hidden;
+        step.unit_begin = split.unit_begin(k);
+        step.unit_end = split.unit_end(k, hidden);
+        step.gates = gates_data + offset * 4 * hidden;
+        step.cells = cells_data + offset * hidden;
+        step.prev_cells = has_prev ? cells_data + offsets[prev_t] * hidden : nullptr;
+        step.prev_live = has_prev ? sizes[prev_t] : 0;
+        step.c0 = c0_data;
+        step.dh = dh_data;
+        step.dh_stride = hidden;
+        step.grad_out = grad_out_data + offset * hidden;
+        step.dc = dc_data;
+        step.grad_gates = grad_gates;
+        backward_rows(step, split.row_begin(k, live), split.row_end(k, live));
+      }
+      // By units, every part's gate gradients of this step are written before any thread
+      // reads them all. By rows, a thread reads only its own rows.
+      if (!split.by_rows) barrier.arrive_and_wait(part_end - part_begin);
+      // dh[rows, units] = grad_gates[rows] @ W_hh[:, units]: a thread's next step reads only
+      // the dh it wrote itself, so no second barrier is needed.
+      const int64_t next_s = s - 1;
+      const int64_t next_t = reverse ? steps - 1 - next_s : next_s;
+      for (int64_t k = part_begin; k < part_end; ++k) {
+        const int64_t u0 = split.unit_begin(k), u1 = split.unit_end(k, hidden);
+        const int64_t r0 = split.row_begin(k, live), r1 = split.row_end(k, live);
+        // The next visited step's saved gates and cells, fetched while the GEMM runs.
+        if (next_s >= 0) {
+          const int64_t next_offset = offsets[next_t], next_live = sizes[next_t];
+          const int64_t n0 = split.row_begin(k, next_live), n1 = split.row_end(k, next_live);
+          for (int64_t g = 0; g < 4; ++g) {
+            prefetch_columns(gates_data + (next_offset + n0) * 4 * hidden, n1 - n0, 4 * hidden,
+                             g * hidden + u0, g * hidden + u1);
+          }
+          prefetch_columns(cells_data + (next_offset + n0) * hidden, n1 - n0, hidden, u0, u1);
+          prefetch_columns(grad_out_data + (next_offset + n0) * hidden, n1 - n0, hidden, u0, u1);
+        }
+        products[k].run(r1 - r0, grad_gates + r0 * 4 * hidden, 4 * hidden,
+                        dh_data + r0 * hidden + u0, hidden);
+      }
+    }
+  });
+}
+
 // ---- forward --------------------------------------------------------------------------------
 
 template <typename T>
@@ -209,7 +622,6 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
   const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = h.size(0);
   const int64_t proj = h.size(1);
-  const bool direct_out = out.scalar_type() == h.scalar_type() && !w_hr.has_value();
   // h @ W_hh^T reads W_hh^T as a contiguous [P, 4H] matrix: MKL's sgemm ran 10-15% faster on it
   // than on the transposed view (B=32, H=256, one thread), and the copy is made once per layer.
   const Tensor w_hh_t = w_hh.t().contiguous();
@@ -226,7 +638,6 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
   T* gates_data = save ? gates.data_ptr<T>() : nullptr;
   T* cells_data = save ? cells.data_ptr<T>() : nullptr;
   T* scratch_data = save ? nullptr : scratch_gates.data_ptr<T>();
-  T* out_data = direct_out ? out.data_ptr<T>() : nullptr;
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = reverse ? steps - 1 - s : s;
     const int64_t offset = offsets[t], live = sizes[t];
@@ -235,26 +646,28 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
                  step_gates, 4 * hidden);
     ForwardStep<T> step;
     step.hidden = hidden;
+    step.unit_begin = 0;
+    step.unit_end = hidden;
     step.input_gates = input_data + offset * 4 * hidden;
+    step.gemm = step_gates;
+    step.gemm_ld = 4 * hidden;
+    step.gemm_gate = hidden;
     step.gates = step_gates;
     step.c = c_data;
     step.cells = save ? cells_data + offset * hidden : nullptr;
     step.r = w_hr.has_value() ? r_data : h_data;
     step.r_stride = w_hr.has_value() ? hidden : proj;
-    step.r_copy = direct_out ? out_data + offset * proj : nullptr;
     forward_step(step, live);
     if (w_hr.has_value()) {
       // h = r @ W_hr^T, W_hr being [P, H].
       step_gemm<T>(false, true, live, proj, hidden, r_data, hidden, w_hr_data, hidden, h_data,
                    proj);
     }
-    if (!direct_out) {
-      Tensor h_live = h.narrow(0, 0, live);
-      Tensor out_rows = out.narrow(0, offset, live);
-      out_rows.copy_(h_live);
-      // The next step reads h as the caller's dtype holds it.
-      if (out.scalar_type() != h.scalar_type()) h_live.copy_(out_rows);
-    }
+    Tensor h_live = h.narrow(0, 0, live);
+    Tensor out_rows = out.narrow(0, offset, live);
+    out_rows.copy_(h_live);
+    // The next step reads h as the caller's dtype holds it.
+    if (out.scalar_type() != h.scalar_type()) h_live.copy_(out_rows);
   }
 }
 
@@ -283,15 +696,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
 
   const auto acc = acc_dtype(dtype);
   const auto acc_options = xg.options().dtype(acc);
-  Tensor out = at::empty({num_rows, proj}, xg.options());
-  Tensor gates = at::empty({save ? num_rows : 0, 4 * hidden}, acc_options);
-  Tensor cells = at::empty({save ? num_rows : 0, hidden}, acc_options);
+  Tensor out = cached_empty({num_rows, proj}, xg.options());
+  Tensor gates = cached_empty({save ? num_rows : 0, 4 * hidden}, acc_options);
+  Tensor cells = cached_empty({save ? num_rows : 0, hidden}, acc_options);
   Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true);
   Tensor c = c0.to(acc, /*non_blocking=*/false, /*copy=*/true);
   const Tensor input_gates = to_acc(xg, acc);
   const Tensor w_hh_acc = to_acc(w_hh, acc);
   const std::optional<Tensor> w_hr_acc =
       w_hr.has_value() ? std::optional<Tensor>(to_acc(*w_hr, acc)) : std::nullopt;
+  if (!w_hr.has_value() && dtype == acc) {
+    // fp32/fp64 without projection: h lives in `out`, the steps split over threads by units.
+    Tensor h_n = at::empty_like(h0);
+    if (acc == at::kDouble) {
+      forward_split<double>(sizes, reverse, hidden, xg, w_hh, h0, c, out, gates, cells, save,
+                            h_n);
+    } else {
+      forward_split<float>(sizes, reverse, hidden, xg, w_hh, h0, c, out, gates, cells, save, h_n);
+    }
+    return {out, h_n, c, gates, cells};
+  }
   if (acc == at::kDouble) {
     forward_loop<double>(sizes, reverse, hidden, input_gates, w_hh_acc, w_hr_acc, h, c, out, gates,
                          cells, save);
@@ -336,6 +760,9 @@ void backward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
     const bool has_prev = prev_t >= 0 && prev_t < steps;
     BackwardStep<T> step;
     step.hidden = hidden;
+    step.unit_begin = 0;
+    step.unit_end = hidden;
+    step.dh_stride = hidden;
     step.gates = gates_data + offset * 4 * hidden;
     step.cells = cells_data + offset * hidden;
     step.prev_cells = has_prev ? cells_data + offsets[prev_t] * hidden : nullptr;
@@ -400,7 +827,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   check_tensor(op, cells, "cells", "[N, hidden] (accumulation dtype)", {num_rows, hidden}, acc);
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
 
-  Tensor grad_xg = at::empty({num_rows, 4 * hidden}, grad_out.options());
+  Tensor grad_xg = cached_empty({num_rows, 4 * hidden}, grad_out.options());
   Tensor grad_h_total = at::empty({w_hr.has_value() ? num_rows : 0, proj}, grad_out.options());
   Tensor dh = grad_hn.to(acc, /*non_blocking=*/false, /*copy=*/true);
   Tensor dc = grad_cn.to(acc, /*non_blocking=*/false, /*copy=*/true);
@@ -409,6 +836,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   const Tensor w_hh_acc = to_acc(w_hh, acc);
   const std::optional<Tensor> w_hr_acc =
       w_hr.has_value() ? std::optional<Tensor>(to_acc(*w_hr, acc)) : std::nullopt;
+  if (!w_hr.has_value() && dtype == acc) {
+    if (acc == at::kDouble) {
+      backward_split<double>(sizes, reverse, hidden, grad_out, c0, w_hh, gates, cells, dh, dc,
+                             grad_xg);
+    } else {
+      backward_split<float>(sizes, reverse, hidden, grad_out, c0, w_hh, gates, cells, dh, dc,
+                            grad_xg);
+    }
+    return {grad_xg, dh, dc, grad_h_total};
+  }
   if (acc == at::kDouble) {
     backward_loop<double>(sizes, reverse, hidden, grad_out_acc, c0_acc, w_hh_acc, w_hr_acc, gates,
                           cells, dh, dc, grad_xg, grad_h_total);

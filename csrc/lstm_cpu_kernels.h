@@ -6,7 +6,6 @@
 // keeps the two copies apart. The arithmetic itself is cell.h's, applied to SIMD lanes.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
@@ -26,30 +25,37 @@
 namespace fastlstm {
 namespace cpu {
 
-// Pointers of one forward step. Rows are the step's live batch rows b = 0..live-1.
+// Pointers of one forward step. Rows are the step's live batch rows b = 0..live-1; a call updates
+// the hidden units [unit_begin, unit_end) of the rows it is given.
 template <typename T>
 struct ForwardStep {
   int64_t hidden;
+  int64_t unit_begin, unit_end;
   const T* input_gates;  // [live, 4H]: x @ W_ih^T + b of this step
-  T* gates;              // [live, 4H]: h @ W_hh^T in; activated i, f, g, o out
+  // h @ W_hh^T of this step: gate k (i, f, g, o) of unit u in row b is at
+  // gemm[b * gemm_ld + k * gemm_gate + (u - unit_begin)].
+  const T* gemm;
+  int64_t gemm_ld, gemm_gate;
+  T* gates;              // [live, 4H] activated i, f, g, o out, or nullptr (may alias gemm)
   T* c;                  // [B, H] cell state, updated in place
   T* cells;              // [live, H] copy of the new c, or nullptr
   T* r;                  // [live, r_stride]: o * tanh(c)
   int64_t r_stride;
-  T* r_copy;             // a second destination of r ([live, hidden]), or nullptr
 };
 
-// Pointers of one backward step.
+// Pointers of one backward step; a call handles the units [unit_begin, unit_end).
 template <typename T>
 struct BackwardStep {
   int64_t hidden;
+  int64_t unit_begin, unit_end;
   const T* gates;       // [live, 4H] activated gates saved by the forward
   const T* cells;       // [live, H] c after this step
   const T* prev_cells;  // [prev_live, H] c after the previously visited step
   int64_t prev_live;    // rows b >= prev_live start from c0
   const T* c0;          // [B, H]
-  const T* dh;          // [live, H]: gradient reaching r (or h without projection)
-  const T* grad_out;    // [live, H] added to dh, or nullptr
+  const T* dh;          // [live, dh_stride]: gradient reaching r (or h without projection)
+  int64_t dh_stride;
+  const T* grad_out;    // [live, dh_stride] added to dh, or nullptr
   T* dc;                // [B, H] gradient reaching c, updated in place
   T* grad_gates;        // [live, 4H] pre-activation gate gradients out
 };
@@ -68,7 +74,8 @@ struct Lanes {
   friend Lanes operator+(Lanes a, Lanes b) { return a.v + b.v; }
   friend Lanes operator-(Lanes a, Lanes b) { return a.v - b.v; }
   friend Lanes operator*(Lanes a, Lanes b) { return a.v * b.v; }
-  friend Lanes operator/(Lanes a, Lanes b) { return a.v / b.v; }
+  // Every division in the cell math (sigmoid's and tanh's) has a denominator 1 + exp(..) >= 1.
+  friend Lanes operator/(Lanes a, Lanes b) { return a.v * reciprocal(b.v); }
   friend Lanes operator-(Lanes a) { return a.v.neg(); }
   friend Lanes exp(Lanes a) { return fast_exp(a.v); }
   // tanh(x) = 2 / (1 + exp(-2x)) - 1: SLEEF's tanh took 1.5x the time of the step's GEMM
@@ -84,6 +91,25 @@ struct Lanes {
   // instead of SLEEF's 1-ulp exp: five exps per cell were most of the pointwise step, and 20 ulp
   // of exp stay below float's resolution of the sigmoid/tanh results built from it. exp_u20
   // clamps its input, which would turn NaN into a finite value; NaN is passed through as is.
+  // 1 / d for d >= 1. In float under AVX-512 / AVX2: the hardware estimate (14 / 12 bits) and one
+  // Newton step (28 / 24 bits), instead of a division that took a quarter of the pointwise pass.
+  // d = inf (exp overflowing) is clamped to FLT_MAX, whose estimate is 0, so the result is 0
+  // rather than the 0 * inf = NaN of the Newton step.
+  static Vectorized<T> reciprocal(Vectorized<T> d) {
+    if constexpr (std::is_same<T, float>::value) {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512 x = _mm512_min_ps(_mm512_set1_ps(3.402823466e38f), d);  // NaN stays NaN
+      const __m512 r = _mm512_rcp14_ps(x);
+      return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f)));
+#elif defined(CPU_CAPABILITY_AVX2)
+      const __m256 x = _mm256_min_ps(_mm256_set1_ps(3.402823466e38f), d);
+      const __m256 r = _mm256_rcp_ps(x);
+      return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.0f)));
+#endif
+    }
+    return Vectorized<T>(T(1)) / d;
+  }
+
   static Vectorized<T> fast_exp(Vectorized<T> x) {
 #if FASTLSTM_HAVE_EXP_U20
     if constexpr (std::is_same<T, float>::value) {
@@ -105,79 +131,74 @@ inline void store(T* ptr, Lanes<T> value, int64_t count) {
   value.v.store(ptr, static_cast<int>(count));
 }
 
-// Rows per parallel task: enough hidden units that a task outweighs the cost of handing it out.
-inline int64_t grain_rows(int64_t hidden) {
-  constexpr int64_t kUnitsPerTask = 8192;
-  return hidden >= kUnitsPerTask ? 1 : kUnitsPerTask / hidden;
-}
-
 // The row loops are marked flatten: under lstm_cpu_avx2.cpp's target pragma (rather than
 // -mavx2 on the command line) GCC left Vectorized<T>'s operators, constructors and exp as
 // out-of-line calls, each passing its vector through memory, and the cell arithmetic ran 3-4x
 // slower than the step's GEMM (B=64, H=128). flatten inlines them all into the loop.
 template <typename T>
-void forward_step_impl(const ForwardStep<T>& step, int64_t live) {
-  const int64_t hidden = step.hidden;
+__attribute__((flatten)) void forward_rows_impl(const ForwardStep<T>& step, int64_t row_begin,
+                                                int64_t row_end) {
+  const int64_t hidden = step.hidden, u0 = step.unit_begin, u1 = step.unit_end;
+  const int64_t gate = step.gemm_gate;
   constexpr int64_t width = Vectorized<T>::size();
-  at::parallel_for(0, live, grain_rows(hidden), [&](int64_t begin, int64_t end) __attribute__((flatten)) {
-    for (int64_t b = begin; b < end; ++b) {
-      const T* xg = step.input_gates + b * 4 * hidden;
-      T* gates = step.gates + b * 4 * hidden;
-      T* c = step.c + b * hidden;
-      T* r = step.r + b * step.r_stride;
-      for (int64_t j = 0; j < hidden; j += width) {
-        const int64_t n = hidden - j < width ? hidden - j : width;
-        Lanes<T> pre_i = load(xg + j, n) + load(gates + j, n);
-        Lanes<T> pre_f = load(xg + hidden + j, n) + load(gates + hidden + j, n);
-        Lanes<T> pre_g = load(xg + 2 * hidden + j, n) + load(gates + 2 * hidden + j, n);
-        Lanes<T> pre_o = load(xg + 3 * hidden + j, n) + load(gates + 3 * hidden + j, n);
-        GateValues<Lanes<T>> act{T(0), T(0), T(0), T(0)};
-        Lanes<T> c_new(T(0));
-        Lanes<T> out = cell_forward(pre_i, pre_f, pre_g, pre_o, load(c + j, n), act, c_new);
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    const T* xg = step.input_gates + b * 4 * hidden;
+    const T* pre = step.gemm + b * step.gemm_ld - u0;
+    T* gates = step.gates == nullptr ? nullptr : step.gates + b * 4 * hidden;
+    T* c = step.c + b * hidden;
+    T* r = step.r + b * step.r_stride;
+    for (int64_t j = u0; j < u1; j += width) {
+      const int64_t n = u1 - j < width ? u1 - j : width;
+      Lanes<T> pre_i = load(xg + j, n) + load(pre + j, n);
+      Lanes<T> pre_f = load(xg + hidden + j, n) + load(pre + gate + j, n);
+      Lanes<T> pre_g = load(xg + 2 * hidden + j, n) + load(pre + 2 * gate + j, n);
+      Lanes<T> pre_o = load(xg + 3 * hidden + j, n) + load(pre + 3 * gate + j, n);
+      GateValues<Lanes<T>> act{T(0), T(0), T(0), T(0)};
+      Lanes<T> c_new(T(0));
+      Lanes<T> out = cell_forward(pre_i, pre_f, pre_g, pre_o, load(c + j, n), act, c_new);
+      if (gates != nullptr) {
         store(gates + j, act.i, n);
         store(gates + hidden + j, act.f, n);
         store(gates + 2 * hidden + j, act.g, n);
         store(gates + 3 * hidden + j, act.o, n);
-        store(c + j, c_new, n);
-        if (step.cells != nullptr) store(step.cells + b * hidden + j, c_new, n);
-        store(r + j, out, n);
-        if (step.r_copy != nullptr) store(step.r_copy + b * hidden + j, out, n);
       }
+      store(c + j, c_new, n);
+      if (step.cells != nullptr) store(step.cells + b * hidden + j, c_new, n);
+      store(r + j, out, n);
     }
-  });
+  }
 }
 
 template <typename T>
-void backward_step_impl(const BackwardStep<T>& step, int64_t live) {
-  const int64_t hidden = step.hidden;
+__attribute__((flatten)) void backward_rows_impl(const BackwardStep<T>& step, int64_t row_begin,
+                                                 int64_t row_end) {
+  const int64_t hidden = step.hidden, u0 = step.unit_begin, u1 = step.unit_end;
   constexpr int64_t width = Vectorized<T>::size();
-  at::parallel_for(0, live, grain_rows(hidden), [&](int64_t begin, int64_t end) __attribute__((flatten)) {
-    for (int64_t b = begin; b < end; ++b) {
-      const T* gates = step.gates + b * 4 * hidden;
-      const T* c = step.cells + b * hidden;
-      const T* c_prev = b < step.prev_live ? step.prev_cells + b * hidden : step.c0 + b * hidden;
-      const T* dh = step.dh + b * hidden;
-      const T* grad_out = step.grad_out == nullptr ? nullptr : step.grad_out + b * hidden;
-      T* dc = step.dc + b * hidden;
-      T* grad_gates = step.grad_gates + b * 4 * hidden;
-      for (int64_t j = 0; j < hidden; j += width) {
-        const int64_t n = hidden - j < width ? hidden - j : width;
-        GateValues<Lanes<T>> act{load(gates + j, n), load(gates + hidden + j, n),
-                                 load(gates + 2 * hidden + j, n), load(gates + 3 * hidden + j, n)};
-        Lanes<T> dr = load(dh + j, n);
-        if (grad_out != nullptr) dr = dr + load(grad_out + j, n);
-        GateGrads<Lanes<T>> grads{T(0), T(0), T(0), T(0)};
-        Lanes<T> dc_prev(T(0));
-        cell_backward(act, load(c + j, n), load(c_prev + j, n), dr, load(dc + j, n), grads,
-                      dc_prev);
-        store(grad_gates + j, grads.i, n);
-        store(grad_gates + hidden + j, grads.f, n);
-        store(grad_gates + 2 * hidden + j, grads.g, n);
-        store(grad_gates + 3 * hidden + j, grads.o, n);
-        store(dc + j, dc_prev, n);
-      }
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    const T* gates = step.gates + b * 4 * hidden;
+    const T* c = step.cells + b * hidden;
+    const T* c_prev = b < step.prev_live ? step.prev_cells + b * hidden : step.c0 + b * hidden;
+    const T* dh = step.dh + b * step.dh_stride;
+    const T* grad_out = step.grad_out == nullptr ? nullptr : step.grad_out + b * step.dh_stride;
+    T* dc = step.dc + b * hidden;
+    T* grad_gates = step.grad_gates + b * 4 * hidden;
+    for (int64_t j = u0; j < u1; j += width) {
+      const int64_t n = u1 - j < width ? u1 - j : width;
+      GateValues<Lanes<T>> act{load(gates + j, n), load(gates + hidden + j, n),
+                               load(gates + 2 * hidden + j, n), load(gates + 3 * hidden + j, n)};
+      Lanes<T> dr = load(dh + j, n);
+      if (grad_out != nullptr) dr = dr + load(grad_out + j, n);
+      GateGrads<Lanes<T>> grads{T(0), T(0), T(0), T(0)};
+      Lanes<T> dc_prev(T(0));
+      cell_backward(act, load(c + j, n), load(c_prev + j, n), dr, load(dc + j, n), grads,
+                    dc_prev);
+      store(grad_gates + j, grads.i, n);
+      store(grad_gates + hidden + j, grads.f, n);
+      store(grad_gates + 2 * hidden + j, grads.g, n);
+      store(grad_gates + 3 * hidden + j, grads.o, n);
+      store(dc + j, dc_prev, n);
     }
-  });
+  }
 }
 
 }  // namespace
@@ -188,17 +209,17 @@ void backward_step_impl(const BackwardStep<T>& step, int64_t live) {
 #define FASTLSTM_DEFINE_CPU_STEP_KERNELS(suffix)                                               \
   namespace fastlstm {                                                                         \
   namespace cpu {                                                                              \
-  void forward_step_##suffix(const ForwardStep<float>& step, int64_t live) {                   \
-    forward_step_impl(step, live);                                                             \
+  void forward_rows_##suffix(const ForwardStep<float>& step, int64_t begin, int64_t end) {     \
+    forward_rows_impl(step, begin, end);                                                       \
   }                                                                                            \
-  void forward_step_##suffix(const ForwardStep<double>& step, int64_t live) {                  \
-    forward_step_impl(step, live);                                                             \
+  void forward_rows_##suffix(const ForwardStep<double>& step, int64_t begin, int64_t end) {    \
+    forward_rows_impl(step, begin, end);                                                       \
   }                                                                                            \
-  void backward_step_##suffix(const BackwardStep<float>& step, int64_t live) {                 \
-    backward_step_impl(step, live);                                                            \
+  void backward_rows_##suffix(const BackwardStep<float>& step, int64_t begin, int64_t end) {   \
+    backward_rows_impl(step, begin, end);                                                      \
   }                                                                                            \
-  void backward_step_##suffix(const BackwardStep<double>& step, int64_t live) {                \
-    backward_step_impl(step, live);                                                            \
+  void backward_rows_##suffix(const BackwardStep<double>& step, int64_t begin, int64_t end) {  \
+    backward_rows_impl(step, begin, end);                                                      \
   }                                                                                            \
   }                                                                                            \
   }

@@ -107,6 +107,68 @@ def test_ops_match_specification(dtype, batch, steps, hidden, proj, packed, reve
         _assert_close(a, b, TOL[dtype], f"backward {name}")
 
 
+# Shapes large enough that the cpu kernels split a layer among threads: by batch rows (W_hh small,
+# batch >= 32) or by hidden units with a barrier per step (small batch or large W_hh), with 2
+# threads and with 3 (uneven parts, one thread more than this machine's cores).
+THREADED_CASES = [
+    # batch, steps, hidden, packed, reverse
+    (40, 6, 64, False, False),    # by rows
+    (40, 6, 64, True, True),      # by rows, sequences starting late
+    (37, 5, 72, True, False),     # by rows, uneven, H with a SIMD tail
+    (8, 6, 128, False, True),     # by units
+    (8, 6, 128, True, False),     # by units, packed
+    (9, 5, 136, True, True),      # by units, uneven parts
+    (16, 4, 264, False, False),   # by units: W_hh too large to copy per thread
+]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,steps,hidden,packed,reverse", THREADED_CASES)
+def test_threaded_ops_match_specification(threads, dtype, batch, steps, hidden, packed, reverse):
+    xg, batch_sizes, h0, c0, w_hh, _ = _make_args(dtype, batch, steps, hidden, 0, packed, seed=3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = forward_op(xg, batch_sizes, h0, c0, w_hh, None, reverse, True)
+        unsaved = forward_op(xg, batch_sizes, h0, c0, w_hh, None, reverse, False)
+        generator = torch.Generator().manual_seed(4)
+        grads_in = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(dtype)
+                    for t in got[:3]]
+        got_grads = backward_op(*grads_in, batch_sizes, c0, w_hh, None, got[3], got[4], reverse)
+    finally:
+        torch.set_num_threads(previous)
+    want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, None,
+                                                    reverse, True)
+    for name, a, b in zip(("out", "h_n", "c_n", "gates", "cells"), got, want):
+        _assert_close(a, b, TOL[dtype], f"forward {name}")
+    for name, a, b in zip(("out", "h_n", "c_n"), unsaved, want):
+        _assert_close(a, b, TOL[dtype], f"forward (save=False) {name}")
+    want_grads = _recurrence.reference_recurrence_backward(
+        *grads_in, batch_sizes, c0, w_hh, None, want[3], want[4], reverse)
+    for name, a, b in zip(("grad_xg", "grad_h0", "grad_c0"), got_grads, want_grads):
+        _assert_close(a, b, TOL[dtype], f"backward {name}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_rows_never_live_keep_their_state(reverse):
+    """h0 may hold more rows than the first step's batch size: those rows keep h0 and c0."""
+    xg, batch_sizes, h0, c0, w_hh, _ = _make_args(torch.float64, 40, 5, 64, 0, True, seed=5)
+    extra = torch.randn(8, 64, dtype=torch.float64)
+    h0, c0 = torch.cat([h0, extra]), torch.cat([c0, extra * 2])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = forward_op(xg, batch_sizes, h0, c0, w_hh, None, reverse, True)
+    finally:
+        torch.set_num_threads(previous)
+    want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, None,
+                                                    reverse, True)
+    for name, a, b in zip(("out", "h_n", "c_n"), got, want):
+        _assert_close(a, b, TOL[torch.float64], f"forward {name}")
+    assert torch.equal(got[1][40:], extra) and torch.equal(got[2][40:], extra * 2)
+
+
 def test_save_false_keeps_nothing():
     xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(torch.float32, 3, 4, 8)
     out, h_n, c_n, gates, cells = forward_op(xg, batch_sizes, h0, c0, w_hh, w_hr, False, False)
