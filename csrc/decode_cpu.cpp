@@ -147,13 +147,14 @@ const DotKernels& dot_kernels() {
   return kernels;
 }
 
-// A parallel task covers at least 512K weights (2 MB of float32): small models stay on one
-// thread, where waking OpenMP threads costs more than the step. At batch 1 the step is bound by
-// memory bandwidth, which a second core adds to: (10000, 256, 512, 2) went from 2.43 ms a token on
-// one thread to 1.45 ms on two (2-core Xeon, load ~1.6, `python -m fastlstm.bench --suites
-// decode`). On a machine whose cores are all busy the split costs instead (34-70 ms against
-// 10.3 ms at load 8 on 2 cores): torch.set_num_threads(1) keeps the op on one thread.
-constexpr int64_t kMinWeightsPerTask = int64_t(1) << 19;
+// A parallel task covers at least 64K weights (256 KB of float32), so that a layer of a small
+// model still splits over the cores: at batch 1 the step is bound by how fast the weights stream
+// in, which every core adds to, and the fork of a parallel region with its threads spinning costs
+// a few microseconds. (65, 64, 256, 2): 174-195 us a token with 512K weights per task (one thread
+// for every layer) against 88-97 us with 64K (2-core Xeon, `python -m fastlstm.bench --suites
+// decode`). On a machine whose cores are all busy a split costs instead (34-70 ms against 10.3 ms
+// at load 8 on 2 cores): torch.set_num_threads(1) keeps the op on one thread.
+constexpr int64_t kMinWeightsPerTask = int64_t(1) << 16;
 
 int64_t grain_for(int64_t weights_per_item) {
   return std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, weights_per_item));

@@ -159,12 +159,12 @@ void step_gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, const T* a, 
   at::mm_out(c_view, a_view, b_view);
 }
 
-// C[m, n] = A[m, k] @ B[k, n] for a B that stays fixed over a layer's steps (row-major, B
-// contiguous). A plain sgemm repacks B on every call: at batch 16 and H = 512, copying the
-// weights into MKL's panel layout took a fifth of the step's GEMM time. With MKL, B is packed
-// once for the batch size `m` of a dense step and reused; any other row count (the shorter
-// steps of a packed sequence) takes the plain GEMM, as MKL documents the packed matrix for the
-// m, n, k it was packed with.
+// C[m, n] = A[m, k] @ B[k, n] for a B that stays fixed over a layer's steps (row-major; B given
+// as [k, n], or transposed as [n, k], with leading dimension ldb). A plain sgemm repacks B on
+// every call: at batch 16 and H = 512, copying the weights into MKL's panel layout took a fifth
+// of the step's GEMM time. With MKL and `pack`, B is packed once for the batch size `m` of a dense
+// step and reused; any other row count (the shorter steps of a packed sequence) takes the plain
+// GEMM, as MKL documents the packed matrix for the m, n, k it was packed with.
 template <typename T>
 class FixedRightGemm {
  public:
@@ -173,16 +173,19 @@ class FixedRightGemm {
   FixedRightGemm& operator=(const FixedRightGemm&) = delete;
 
   // Call from the thread that will run the products (MKL packs for that thread count).
-  void prepare(const T* b, int64_t m, int64_t k, int64_t n) {
+  void prepare(const T* b, int64_t ldb, bool b_transposed, int64_t m, int64_t k, int64_t n,
+               bool pack) {
     b_ = b;
+    ldb_ = ldb;
+    b_transposed_ = b_transposed;
     m_ = m;
     k_ = k;
     n_ = n;
 #ifdef FASTLSTM_DIRECT_BLAS
     if constexpr (std::is_same<T, float>::value) {
-      if (cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+      if (pack && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
           cblas_sgemm_compute != nullptr && m > 0 && n > 0 && k > 0 && m < INT_MAX &&
-          n < INT_MAX && k < INT_MAX) {
+          n < INT_MAX && k < INT_MAX && ldb < INT_MAX) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(m),
                                                        static_cast<int>(n), static_cast<int>(k));
         // Inside the parallel region nothing may throw past the barrier: without memory for
@@ -194,9 +197,9 @@ class FixedRightGemm {
           packed_ = nullptr;
         }
         if (packed_ != nullptr) {
-          cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, static_cast<int>(m),
-                           static_cast<int>(n), static_cast<int>(k), 1.0f, b,
-                           static_cast<int>(n), packed_);
+          cblas_sgemm_pack(kRowMajor, kBMatrix, b_transposed ? kTrans : kNoTrans,
+                           static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f,
+                           b, static_cast<int>(ldb), packed_);
         }
       }
     }
@@ -216,13 +219,16 @@ class FixedRightGemm {
       }
     }
 #endif
-    step_gemm<T>(false, false, m, n_, k_, a, lda, b_, n_, c, ldc);
+    step_gemm<T>(false, b_transposed_, m, n_, k_, a, lda, b_, ldb_, c, ldc);
   }
 
  private:
   // CBLAS enumerators.
-  static constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151,
+                       kBMatrix = 162;
   const T* b_ = nullptr;
+  int64_t ldb_ = 0;
+  bool b_transposed_ = false;
   int64_t m_ = 0, k_ = 0, n_ = 0;
   at::Tensor storage_;  // holds packed_
   float* packed_ = nullptr;
@@ -364,6 +370,10 @@ inline void prefetch_columns(const T* data, int64_t rows, int64_t ld, int64_t be
   }
 }
 
+// Packing W_hh for MKL reads it once more than the steps do: worth it from a few steps on, not
+// for a one-token prefill (1 ms of a 1.8 ms generate() call at H = 256 before this threshold).
+constexpr int64_t kPackMinSteps = 8;
+
 // How a layer's recurrence is divided among threads. The batch rows are independent sequences,
 // so a thread that owns rows [r_k, r_k+1) runs them through every step on its own, with no
 // synchronization at all; it reads the whole of W_hh each step. When W_hh is too large to stay in
@@ -385,7 +395,7 @@ struct Partition {
   }
 };
 
-Partition partition(int64_t hidden, int64_t batch, int64_t element_size) {
+Partition partition(int64_t hidden, int64_t batch, int64_t steps, int64_t element_size) {
   // Each part's GEMM per step must outweigh handing out the work (and, by units, a barrier of
   // about a microsecond): at least kMinMacsPerPart multiply-adds.
   constexpr int64_t kMinMacsPerPart = 1 << 17;
@@ -403,6 +413,8 @@ Partition partition(int64_t hidden, int64_t batch, int64_t element_size) {
 #endif
   const int64_t macs = batch * 4 * hidden * hidden;
   threads = std::max<int64_t>(1, std::min(threads, macs / kMinMacsPerPart));
+  // A few steps do not repay the per-call setup of a split (copies of W_hh, thread start-up).
+  if (steps < kPackMinSteps) threads = 1;
   Partition result;
   result.by_rows =
       4 * hidden * hidden * element_size <= kRowsMaxWeightBytes && batch >= 2 * kMinRows;
@@ -427,12 +439,15 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   const int64_t steps = static_cast<int64_t>(sizes.size());
   const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = h0.size(0);
-  const Partition split = partition(hidden, batch, sizeof(T));
+  const Partition split = partition(hidden, batch, steps, sizeof(T));
   const int64_t parts = split.parts();
-  // W_hh^T by unit part: part k is a contiguous [H, 4 n_k] block whose columns are its units'
-  // i, f, g, o pre-activations, at offset 4 H u_k (by rows: the one block of all units).
-  Tensor packed = cached_empty({hidden, 4 * hidden}, w_hh.options());
-  for (int64_t k = 0; k < (split.by_rows ? 1 : parts); ++k) {
+  const bool pack = steps >= kPackMinSteps;
+  // Each part multiplies by the columns of W_hh^T of its units. Split by units, part k's are
+  // copied into a contiguous [H, 4 n_k] block (its units' i, f, g, o pre-activations) at offset
+  // 4 H u_k; otherwise every part uses all of W_hh^T, read as the transpose of W_hh.
+  const bool by_unit_blocks = !split.by_rows && parts > 1;
+  Tensor packed = by_unit_blocks ? cached_empty({hidden, 4 * hidden}, w_hh.options()) : w_hh;
+  for (int64_t k = 0; by_unit_blocks && k < parts; ++k) {
     const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
     Tensor block = at::from_blob(packed.data_ptr<T>() + hidden * 4 * u0, {hidden, 4, n},
                                  w_hh.options());
@@ -454,8 +469,13 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t k = part_begin; k < part_end; ++k) {
       const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
-      products[k].prepare(packed_data + hidden * 4 * u0,
-                          split.row_end(k, batch) - split.row_begin(k, batch), hidden, 4 * n);
+      const int64_t rows = split.row_end(k, batch) - split.row_begin(k, batch);
+      if (by_unit_blocks) {
+        products[k].prepare(packed_data + hidden * 4 * u0, 4 * n, false, rows, hidden, 4 * n,
+                            pack);
+      } else {
+        products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack);
+      }
     }
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? steps - 1 - s : s;
@@ -529,12 +549,13 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
   const int64_t steps = static_cast<int64_t>(sizes.size());
   const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = dh.size(0);
-  const Partition split = partition(hidden, batch, sizeof(T));
+  const Partition split = partition(hidden, batch, steps, sizeof(T));
   const int64_t parts = split.parts();
+  const bool pack = steps >= kPackMinSteps;
   // W_hh by unit part: part k is the contiguous [4H, n_k] block of its units' columns, at offset
   // 4H u_k (by rows: W_hh itself).
   Tensor packed;
-  if (split.by_rows) {
+  if (split.by_rows || parts == 1) {
     packed = w_hh;
   } else {
     packed = cached_empty({4 * hidden * hidden}, w_hh.options());
@@ -557,8 +578,9 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t k = part_begin; k < part_end; ++k) {
       const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
-      products[k].prepare(packed_data + 4 * hidden * u0,
-                          split.row_end(k, batch) - split.row_begin(k, batch), 4 * hidden, n);
+      products[k].prepare(packed_data + 4 * hidden * u0, n, false,
+                          split.row_end(k, batch) - split.row_begin(k, batch), 4 * hidden, n,
+                          pack);
     }
     // Backward visits the steps in the opposite order of the forward.
     for (int64_t s = steps - 1; s >= 0; --s) {
@@ -699,12 +721,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
   Tensor out = cached_empty({num_rows, proj}, xg.options());
   Tensor gates = cached_empty({save ? num_rows : 0, 4 * hidden}, acc_options);
   Tensor cells = cached_empty({save ? num_rows : 0, hidden}, acc_options);
-  Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true);
   Tensor c = c0.to(acc, /*non_blocking=*/false, /*copy=*/true);
-  const Tensor input_gates = to_acc(xg, acc);
-  const Tensor w_hh_acc = to_acc(w_hh, acc);
-  const std::optional<Tensor> w_hr_acc =
-      w_hr.has_value() ? std::optional<Tensor>(to_acc(*w_hr, acc)) : std::nullopt;
   if (!w_hr.has_value() && dtype == acc) {
     // fp32/fp64 without projection: h lives in `out`, the steps split over threads by units.
     Tensor h_n = at::empty_like(h0);
@@ -716,6 +733,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     }
     return {out, h_n, c, gates, cells};
   }
+  Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true);
+  const Tensor input_gates = to_acc(xg, acc);
+  const Tensor w_hh_acc = to_acc(w_hh, acc);
+  const std::optional<Tensor> w_hr_acc =
+      w_hr.has_value() ? std::optional<Tensor>(to_acc(*w_hr, acc)) : std::nullopt;
   if (acc == at::kDouble) {
     forward_loop<double>(sizes, reverse, hidden, input_gates, w_hh_acc, w_hr_acc, h, c, out, gates,
                          cells, save);

@@ -111,14 +111,14 @@ def test_ops_match_specification(dtype, batch, steps, hidden, proj, packed, reve
 # batch >= 32) or by hidden units with a barrier per step (small batch or large W_hh), with 2
 # threads and with 3 (uneven parts, one thread more than this machine's cores).
 THREADED_CASES = [
-    # batch, steps, hidden, packed, reverse
-    (40, 6, 64, False, False),    # by rows
-    (40, 6, 64, True, True),      # by rows, sequences starting late
-    (37, 5, 72, True, False),     # by rows, uneven, H with a SIMD tail
-    (8, 6, 128, False, True),     # by units
-    (8, 6, 128, True, False),     # by units, packed
-    (9, 5, 136, True, True),      # by units, uneven parts
-    (16, 4, 264, False, False),   # by units: W_hh too large to copy per thread
+    # batch, steps, hidden, packed, reverse (8 steps or more: fewer run on one thread)
+    (40, 9, 64, False, False),    # by rows
+    (40, 9, 64, True, True),      # by rows, sequences starting late
+    (37, 8, 72, True, False),     # by rows, uneven, H with a SIMD tail
+    (8, 9, 128, False, True),     # by units
+    (8, 9, 128, True, False),     # by units, packed
+    (9, 8, 136, True, True),      # by units, uneven parts
+    (16, 8, 264, False, False),   # by units: W_hh too large to copy per thread
 ]
 
 
@@ -153,7 +153,7 @@ def test_threaded_ops_match_specification(threads, dtype, batch, steps, hidden, 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_rows_never_live_keep_their_state(reverse):
     """h0 may hold more rows than the first step's batch size: those rows keep h0 and c0."""
-    xg, batch_sizes, h0, c0, w_hh, _ = _make_args(torch.float64, 40, 5, 64, 0, True, seed=5)
+    xg, batch_sizes, h0, c0, w_hh, _ = _make_args(torch.float64, 40, 9, 64, 0, True, seed=5)
     extra = torch.randn(8, 64, dtype=torch.float64)
     h0, c0 = torch.cat([h0, extra]), torch.cat([c0, extra * 2])
     previous = torch.get_num_threads()
