@@ -434,8 +434,8 @@ Partition partition(int64_t hidden, int64_t batch, int64_t steps, int64_t elemen
 
 template <typename T>
 void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
-                   const Tensor& input_gates, const Tensor& w_hh, const Tensor& h0, Tensor& c,
-                   Tensor& out, Tensor& gates, Tensor& cells, bool save, Tensor& h_n) {
+                   const Tensor& input_gates, const T* bias, const Tensor& w_hh, const Tensor& h0,
+                   Tensor& c, Tensor& out, Tensor& gates, Tensor& cells, bool save, Tensor& h_n) {
   const int64_t steps = static_cast<int64_t>(sizes.size());
   const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = h0.size(0);
@@ -506,6 +506,7 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
         step.unit_begin = u0;
         step.unit_end = u1;
         step.input_gates = step_xg;
+        step.bias = bias;
         step.gemm = pre;
         step.gemm_ld = ld;
         step.gemm_gate = n;
@@ -671,6 +672,7 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
     step.unit_begin = 0;
     step.unit_end = hidden;
     step.input_gates = input_data + offset * 4 * hidden;
+    step.bias = nullptr;
     step.gemm = step_gates;
     step.gemm_ld = 4 * hidden;
     step.gemm_gate = hidden;
@@ -695,7 +697,8 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     const Tensor& xg, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_hh, const std::optional<Tensor>& w_hr, bool reverse, bool save) {
+    const Tensor& w_hh, const std::optional<Tensor>& w_hr, bool reverse, bool save,
+    const std::optional<Tensor>& bias) {
   const char* op = "fastlstm::recurrence_forward";
   TORCH_CHECK(xg.dim() == 2, op, ": xg must be 2-D [N, 4*hidden], got shape ", xg.sizes());
   TORCH_CHECK(c0.dim() == 2, op, ": c0 must be 2-D [B, hidden], got shape ", c0.sizes());
@@ -714,6 +717,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
   check_tensor(op, c0, "c0", "[B, hidden]", {batch, hidden}, dtype);
   check_tensor(op, h0, "h0", "[B, P]", {batch, proj}, dtype);
   check_tensor(op, w_hh, "w_hh", "[4*hidden, P]", {4 * hidden, proj}, dtype);
+  if (bias.has_value()) check_tensor(op, *bias, "bias", "[4*hidden]", {4 * hidden}, dtype);
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
 
   const auto acc = acc_dtype(dtype);
@@ -726,15 +730,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     // fp32/fp64 without projection: h lives in `out`, the steps split over threads by units.
     Tensor h_n = at::empty_like(h0);
     if (acc == at::kDouble) {
-      forward_split<double>(sizes, reverse, hidden, xg, w_hh, h0, c, out, gates, cells, save,
-                            h_n);
+      forward_split<double>(sizes, reverse, hidden, xg,
+                            bias.has_value() ? bias->data_ptr<double>() : nullptr, w_hh, h0, c,
+                            out, gates, cells, save, h_n);
     } else {
-      forward_split<float>(sizes, reverse, hidden, xg, w_hh, h0, c, out, gates, cells, save, h_n);
+      forward_split<float>(sizes, reverse, hidden, xg,
+                           bias.has_value() ? bias->data_ptr<float>() : nullptr, w_hh, h0, c,
+                           out, gates, cells, save, h_n);
     }
     return {out, h_n, c, gates, cells};
   }
   Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true);
-  const Tensor input_gates = to_acc(xg, acc);
+  const Tensor input_gates =
+      bias.has_value() ? at::add(xg.to(acc), bias->to(acc)) : to_acc(xg, acc);
   const Tensor w_hh_acc = to_acc(w_hh, acc);
   const std::optional<Tensor> w_hr_acc =
       w_hr.has_value() ? std::optional<Tensor>(to_acc(*w_hr, acc)) : std::nullopt;

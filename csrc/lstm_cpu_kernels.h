@@ -31,7 +31,8 @@ template <typename T>
 struct ForwardStep {
   int64_t hidden;
   int64_t unit_begin, unit_end;
-  const T* input_gates;  // [live, 4H]: x @ W_ih^T + b of this step
+  const T* input_gates;  // [live, 4H]: x @ W_ih^T (+ b) of this step
+  const T* bias;         // [4H] added to every row's input gates, or nullptr
   // h @ W_hh^T of this step: gate k (i, f, g, o) of unit u in row b is at
   // gemm[b * gemm_ld + k * gemm_gate + (u - unit_begin)].
   const T* gemm;
@@ -147,12 +148,19 @@ __attribute__((flatten)) void forward_rows_impl(const ForwardStep<T>& step, int6
     T* gates = step.gates == nullptr ? nullptr : step.gates + b * 4 * hidden;
     T* c = step.c + b * hidden;
     T* r = step.r + b * step.r_stride;
+    const T* bias = step.bias;
     for (int64_t j = u0; j < u1; j += width) {
       const int64_t n = u1 - j < width ? u1 - j : width;
       Lanes<T> pre_i = load(xg + j, n) + load(pre + j, n);
       Lanes<T> pre_f = load(xg + hidden + j, n) + load(pre + gate + j, n);
       Lanes<T> pre_g = load(xg + 2 * hidden + j, n) + load(pre + 2 * gate + j, n);
       Lanes<T> pre_o = load(xg + 3 * hidden + j, n) + load(pre + 3 * gate + j, n);
+      if (bias != nullptr) {
+        pre_i = pre_i + load(bias + j, n);
+        pre_f = pre_f + load(bias + hidden + j, n);
+        pre_g = pre_g + load(bias + 2 * hidden + j, n);
+        pre_o = pre_o + load(bias + 3 * hidden + j, n);
+      }
       GateValues<Lanes<T>> act{T(0), T(0), T(0), T(0)};
       Lanes<T> c_new(T(0));
       Lanes<T> out = cell_forward(pre_i, pre_f, pre_g, pre_o, load(c + j, n), act, c_new);

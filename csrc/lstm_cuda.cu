@@ -1105,7 +1105,8 @@ dim3 step_grid(int64_t cols, int64_t rows, int64_t col_tile, int64_t row_tile, c
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
     const Tensor& xg_in, const Tensor& batch_sizes, const Tensor& h0_in, const Tensor& c0_in,
-    const Tensor& w_hh_in, const std::optional<Tensor>& w_hr_in, bool reverse, bool save) {
+    const Tensor& w_hh_in, const std::optional<Tensor>& w_hr_in, bool reverse, bool save,
+    const std::optional<Tensor>& bias) {
   constexpr const char* op = "fastlstm::recurrence_forward (cuda)";
   TORCH_CHECK(xg_in.is_cuda(), op, ": xg must be a CUDA tensor, got ", xg_in.device());
   TORCH_CHECK(xg_in.dim() == 2, op, ": xg must be 2-D (rows, 4*hidden), got ", xg_in.sizes());
@@ -1138,8 +1139,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
               ": hidden size too large");
   const Layout layout = step_layout(batch_sizes, rows, batch, op);
 
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_tensor(*bias, op, "bias", {4 * hidden}, "(4*hidden,)", xg_in);
+
   const c10::cuda::CUDAGuard guard(xg_in.device());
-  const Tensor xg = xg_in.contiguous();
+  // A bias is added to the input gates once, before the steps (the cpu kernels add it in their
+  // cell pass instead; fastlstm's modules pass it to the cpu backend only).
+  const Tensor xg = has_bias ? at::add(xg_in, *bias).contiguous() : xg_in.contiguous();
   const Tensor h0 = h0_in.contiguous();
   const Tensor c0 = c0_in.contiguous();
   const Tensor w_hh = w_hh_in.contiguous();

@@ -6,7 +6,8 @@
 TORCH_LIBRARY(fastlstm, m) {
   m.def(
       "recurrence_forward(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor? w_hr, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? w_hr, bool reverse, bool save, Tensor? bias=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "recurrence_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor batch_sizes, "
       "Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor gates, Tensor cells, bool reverse) "

@@ -3,6 +3,8 @@
 One LSTM layer, one direction, runs as
     xg = x @ W_ih^T + (b_ih + b_hh)            one GEMM, done by torch (autograd handles it)
     out, h_n, c_n = recurrence_forward(xg, ...)  the fused part, one op per backend
+The C++ op also takes the bias itself (`bias`, added to every row of xg inside the op): the cpu
+backend passes it there instead of to the GEMM, which saves a pass over the [N, 4H] gates.
 
 Rows are in the *packed* layout: `xg` is [N, 4H] and time step t owns rows
 offsets[t] : offsets[t] + batch_sizes[t] (offsets = exclusive cumsum of batch_sizes; batch sizes
@@ -20,7 +22,8 @@ Per live row, with gate order i, f, g, o as in nn.LSTM:
 
 Op schemas (namespace `fastlstm` in C++, `fastlstm_triton` for Triton):
   recurrence_forward(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh,
-                     Tensor? w_hr, bool reverse, bool save)
+                     Tensor? w_hr, bool reverse, bool save, Tensor? bias=None)
+      (bias [4H], C++ op only: pre = xg[row] + bias + h[b] @ W_hh^T)
       -> (out [N,P] dtype, h_n [B,P] dtype, c_n [B,H] dtype,
           gates [N,4H] acc dtype (activated i,f,g,o; [0] when not save),
           cells [N,H] acc dtype (c after each row's step; [0] when not save))
@@ -91,8 +94,9 @@ def previous_hidden(out: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tens
 # Plain-torch implementation of the two ops: the specification the kernels are tested against.
 # ----------------------------------------------------------------------------------------------
 
-def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
+def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None):
     dtype, acc = xg.dtype, acc_dtype(xg.dtype)
+    bias_acc = 0 if bias is None else bias.to(acc)
     num_rows, hidden = xg.shape[0], c0.shape[1]
     batch = h0.shape[0]
     h = h0.to(acc).clone()
@@ -105,7 +109,7 @@ def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, s
     layout = step_layout(batch_sizes, num_rows, batch)
     for offset, live in (reversed(layout) if reverse else layout):
         rows = slice(offset, offset + live)
-        pre = xg[rows].to(acc) + h[:live] @ w_hh_acc.t()
+        pre = xg[rows].to(acc) + bias_acc + h[:live] @ w_hh_acc.t()
         i, f, g, o = pre.chunk(4, 1)
         i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
         c_new = f * c[:live] + i * g
@@ -175,7 +179,8 @@ def reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w
 # ----------------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save = inputs
+    xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save = inputs[:8]
+    ctx.num_inputs = len(inputs)  # 9 with the C++ op's bias
     out, _h_n, _c_n, gates, cells = output
     # gates and cells never receive gradients: without this, autograd would fill [N, 4H] and
     # [N, H] zero tensors for them on every backward (the backward below handles None).
@@ -220,12 +225,16 @@ def make_backward(backward_op):
             hidden = c0.shape[1]
             r = (gates[:, 3 * hidden:] * cells.tanh()).to(out.dtype)
             grad_w_hr = grad_h_total.t().mm(r)
-        return grad_xg, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None
+        grads = (grad_xg, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None)
+        if ctx.num_inputs == 9:  # the C++ op's optional bias (None when not passed)
+            wanted = len(ctx.needs_input_grad) > 8 and ctx.needs_input_grad[8]
+            grads = grads + (grad_xg.sum(0) if wanted else None,)
+        return grads
 
     return backward
 
 
-def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
+def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None):
     rows = xg.shape[0] if save else 0
     acc = acc_dtype(xg.dtype)
     return (xg.new_empty(xg.shape[0], h0.shape[1]), h0.new_empty(h0.shape),

@@ -7,18 +7,22 @@ import torch.nn.functional as F
 from . import _backends
 
 
-def _fused_layer(forward_op):
+def _fused_layer(forward_op, bias_in_op: bool = False):
+    """One layer through a backend's recurrence op. With `bias_in_op` the op adds the bias to
+    the input gates in its cell pass; otherwise the input-projection GEMM does (F.linear)."""
     def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
         bias = None if b_ih is None else b_ih + b_hh
         # Step 1 of every layer: the input projection of all steps as one GEMM.
-        input_gates = F.linear(x, w_ih, bias)
+        input_gates = F.linear(x, w_ih, None if bias_in_op else bias)
         save = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input_gates, h0, c0, w_hh, w_hr))
+            t is not None and t.requires_grad for t in (input_gates, h0, c0, w_hh, w_hr, bias))
         if batch_sizes is None:
             batch_sizes = torch.empty(0, dtype=torch.int64)
-        out, h_n, c_n, _gates, _cells = forward_op(
-            input_gates.contiguous(), batch_sizes, h0.contiguous(), c0.contiguous(),
-            w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(), reverse, save)
+        args = (input_gates.contiguous(), batch_sizes, h0.contiguous(), c0.contiguous(),
+                w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(), reverse, save)
+        if bias_in_op and bias is not None:
+            args = args + (bias.contiguous(),)
+        out, h_n, c_n, _gates, _cells = forward_op(*args)
         return out, h_n, c_n
     return lstm_layer
 
@@ -32,7 +36,9 @@ def layer_function(backend: str):
         from . import triton_lstm
         return _fused_layer(triton_lstm.recurrence_forward)
     from . import _extension  # cpu and cuda: the ops of fastlstm._C
-    return _fused_layer(_extension.recurrence_forward)
+    # The cpu kernels add the bias in their cell pass: F.linear with a bias first copies it into
+    # every row of the [N, 4H] output (0.5 ms of a 19 ms training step at B=64, T=64, H=128).
+    return _fused_layer(_extension.recurrence_forward, bias_in_op=backend == "cpu")
 
 
 def lstm_stack(x, batch_sizes, h0_all, c0_all, layer_weights, *, num_layers, bidirectional,

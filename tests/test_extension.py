@@ -150,6 +150,47 @@ def test_threaded_ops_match_specification(threads, dtype, batch, steps, hidden, 
         _assert_close(a, b, TOL[dtype], f"backward {name}")
 
 
+@pytest.mark.parametrize("dtype,batch,steps,hidden,proj,packed,threads", [
+    (torch.float64, 3, 5, 8, 0, False, 1),
+    (torch.float64, 40, 9, 64, 0, True, 2),     # split by rows
+    (torch.float32, 8, 9, 128, 0, False, 2),    # split by units
+    (torch.float64, 4, 6, 11, 5, True, 1),      # with a projection
+    (torch.bfloat16, 5, 7, 13, 0, True, 1),     # low precision
+])
+def test_bias_argument(dtype, batch, steps, hidden, proj, packed, threads):
+    """recurrence_forward(..., bias) equals the op on xg + bias, and autograd's bias gradient is
+    the column sum of grad_xg."""
+    xg, batch_sizes, h0, c0, w_hh, w_hr = _make_args(dtype, batch, steps, hidden, proj, packed)
+    bias = torch.randn(4 * hidden, dtype=torch.float64).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = forward_op(xg, batch_sizes, h0, c0, w_hh, w_hr, False, True, bias)
+    finally:
+        torch.set_num_threads(previous)
+    want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, False,
+                                                    True, bias)
+    tol = TOL.get(dtype, 2e-2)
+    for name, a, b in zip(("out", "h_n", "c_n", "gates", "cells"), got, want):
+        _assert_close(a, b, tol, f"forward with bias {name}")
+    if dtype == torch.float64:
+        bias = bias.clone().requires_grad_()
+        inputs = (xg.clone().requires_grad_(), batch_sizes, h0, c0, w_hh, w_hr)
+        out = forward_op(*inputs, False, True, bias)[0]
+        grad_out = torch.randn_like(out)
+        grad_bias, grad_xg = torch.autograd.grad(out, (bias, inputs[0]), grad_out)
+        torch.testing.assert_close(grad_bias, grad_xg.sum(0))
+
+
+def test_bias_argument_is_checked():
+    xg, batch_sizes, h0, c0, w_hh, _ = _make_args(torch.float32, 3, 5, 8)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[4\*hidden\]"):
+        forward_op(xg, batch_sizes, h0, c0, w_hh, None, False, True, torch.zeros(8))
+    with pytest.raises(RuntimeError, match="bias must have dtype Float"):
+        forward_op(xg, batch_sizes, h0, c0, w_hh, None, False, True,
+                   torch.zeros(32, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_rows_never_live_keep_their_state(reverse):
     """h0 may hold more rows than the first step's batch size: those rows keep h0 and c0."""

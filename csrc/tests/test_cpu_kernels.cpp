@@ -105,8 +105,9 @@ Forward call_forward(const at::Tensor& xg, const at::Tensor& batch_sizes, const 
                        .findSchemaOrThrow("fastlstm::recurrence_forward", "")
                        .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&,
-                                      const std::optional<at::Tensor>&, bool, bool)>();
-  return op.call(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, true);
+                                      const std::optional<at::Tensor>&, bool, bool,
+                                      const std::optional<at::Tensor>&)>();
+  return op.call(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, true, std::nullopt);
 }
 
 Backward call_backward(const at::Tensor& grad_out, const at::Tensor& grad_hn,
