@@ -338,8 +338,8 @@ class PartBarrier {
       generation_.store(generation + 1, std::memory_order_release);
       return;
     }
-    // Spin briefly (a step is microseconds), then yield so that an oversubscribed machine
-    // still makes progress.
+    // Spin briefly (a step takes tens of microseconds, the wait for the slowest part a few),
+    // then yield so that an oversubscribed machine still makes progress.
     for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
       if (spins < kSpins) {
         cpu_relax();
@@ -350,7 +350,7 @@ class PartBarrier {
   }
 
  private:
-  static constexpr int64_t kSpins = 1 << 14;
+  static constexpr int64_t kSpins = 1 << 11;
   const int64_t parts_;
   alignas(64) std::atomic<int64_t> arrived_{0};
   alignas(64) std::atomic<int64_t> generation_{0};
@@ -499,7 +499,7 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
         T* pre = split.by_rows ? scratch_data : scratch_data + batch * 4 * u0;
         const int64_t ld = 4 * n;
         const int64_t mid = std::min(std::max(carried, r0), r1);  // rows [r0, mid) carried
-        products[k].run(mid - r0, h_prev + r0 * hidden, hidden, pre + r0 * ld, ld);
+        if (mid > r0) products[k].run(mid - r0, h_prev + r0 * hidden, hidden, pre + r0 * ld, ld);
         products[k].run(r1 - mid, h0_data + mid * hidden, hidden, pre + mid * ld, ld);
         ForwardStep<T> step;
         step.hidden = hidden;

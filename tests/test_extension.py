@@ -3,6 +3,10 @@ nn.LSTM, torch.compile, and argument errors.
 
 The full module conformance grid (every backend) lives in tests/test_lstm.py.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -208,6 +212,32 @@ def test_rows_never_live_keep_their_state(reverse):
     for name, a, b in zip(("out", "h_n", "c_n"), got, want):
         _assert_close(a, b, TOL[torch.float64], f"forward {name}")
     assert torch.equal(got[1][40:], extra) and torch.equal(got[2][40:], extra * 2)
+
+
+@pytest.mark.parametrize("value,expect_error", [("0", False), ("64", False), ("lots", True)])
+def test_buffer_cache_setting(value, expect_error):
+    """FASTLSTM_CPU_CACHE_MB: 0 turns the reuse cache off, a bad value is a clear error."""
+    script = (
+        "import torch, fastlstm\n"
+        "from torch import nn\n"
+        "torch.manual_seed(0)\n"
+        "ours = fastlstm.LSTM(16, 256, backend='cpu'); theirs = nn.LSTM(16, 256)\n"
+        "theirs.load_state_dict(ours.state_dict())\n"
+        "x = torch.randn(50, 32, 16)\n"
+        "for _ in range(3):\n"
+        "    a, b = ours(x)[0], theirs(x)[0]\n"
+        "    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
+        "    del a\n"
+        "print('ok')\n")
+    env = dict(os.environ, FASTLSTM_CPU_CACHE_MB=value)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    if expect_error:
+        assert result.returncode != 0
+        assert "FASTLSTM_CPU_CACHE_MB must be a whole number of megabytes" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == "ok"
 
 
 def test_save_false_keeps_nothing():

@@ -315,12 +315,34 @@ def test_decode_modes_agree_when_sampling():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_prompt_is_run_once():
+@pytest.mark.parametrize("mode", ["python", "cpu_op"])
+def test_prompt_is_run_once(mode):
+    """The sequence kernel runs once, on the prompt (all of it; with the CPU decode op, all but
+    its last token, which is the op's first input), and never again while decoding."""
+    if mode == "cpu_op" and not hasattr(torch.ops.fastlstm, "decode_cpu"):
+        pytest.skip("fastlstm._C is not built")
     model = _model()
     calls = []
     model.lstm.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
-    generate(model, torch.randint(0, 40, (1, 6)), 25)
-    assert calls == [torch.Size([1, 6, 12])], f"model.lstm ran on {calls}"
+    decoder = Decoder(model, torch.randint(0, 40, (1, 6)), mode=mode)
+    assert decoder.next(25).shape == (1, 25)
+    fed = 5 if mode == "cpu_op" else 6
+    assert calls == [torch.Size([1, fed, 12])], f"model.lstm ran on {calls}"
+
+
+@pytest.mark.parametrize("prompt_length", [1, 4])
+def test_cpu_op_decoder_matches_python_decoder(prompt_length):
+    """With the CPU op the last prompt token is fed by the op: same tokens as the Python path,
+    greedy and sampled (the op draws its first token from the generator like fastlstm.sample)."""
+    if not hasattr(torch.ops.fastlstm, "decode_cpu"):
+        pytest.skip("fastlstm._C is not built")
+    model = _model()
+    prompt = torch.randint(0, 40, (2, prompt_length), generator=torch.Generator().manual_seed(1))
+    for temperature in (0.0, 0.9):
+        outs = [Decoder(model, prompt, temperature, top_k=12,
+                        generator=torch.Generator().manual_seed(5), mode=mode).next(30)
+                for mode in ("python", "cpu_op")]
+        assert torch.equal(outs[0], outs[1]), (temperature, outs)
 
 
 def test_generate_keeps_training_mode_and_checks_arguments():
