@@ -432,16 +432,33 @@ Partition partition(int64_t hidden, int64_t batch, int64_t steps, int64_t elemen
   return result;
 }
 
+// What the split drivers share: the steps' row offsets, the partition and whether to pack W_hh.
+struct SplitPlan {
+  SplitPlan(const std::vector<int64_t>& sizes, int64_t hidden, int64_t batch,
+            int64_t element_size)
+      : steps(static_cast<int64_t>(sizes.size())),
+        offsets(step_offsets(sizes)),
+        split(partition(hidden, batch, steps, element_size)),
+        parts(split.parts()),
+        pack(steps >= kPackMinSteps) {}
+
+  const int64_t steps;
+  const std::vector<int64_t> offsets;
+  const Partition split;
+  const int64_t parts;
+  const bool pack;
+};
+
 template <typename T>
 void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
                    const Tensor& input_gates, const T* bias, const Tensor& w_hh, const Tensor& h0,
                    Tensor& c, Tensor& out, Tensor& gates, Tensor& cells, bool save, Tensor& h_n) {
-  const int64_t steps = static_cast<int64_t>(sizes.size());
-  const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = h0.size(0);
-  const Partition split = partition(hidden, batch, steps, sizeof(T));
-  const int64_t parts = split.parts();
-  const bool pack = steps >= kPackMinSteps;
+  const SplitPlan plan(sizes, hidden, batch, sizeof(T));
+  const int64_t steps = plan.steps, parts = plan.parts;
+  const std::vector<int64_t>& offsets = plan.offsets;
+  const Partition& split = plan.split;
+  const bool pack = plan.pack;
   // Each part multiplies by the columns of W_hh^T of its units. Split by units, part k's are
   // copied into a contiguous [H, 4 n_k] block (its units' i, f, g, o pre-activations) at offset
   // 4 H u_k; otherwise every part uses all of W_hh^T, read as the transpose of W_hh.
@@ -547,12 +564,12 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
                     const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
                     const Tensor& gates, const Tensor& cells, Tensor& dh, Tensor& dc,
                     Tensor& grad_xg) {
-  const int64_t steps = static_cast<int64_t>(sizes.size());
-  const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = dh.size(0);
-  const Partition split = partition(hidden, batch, steps, sizeof(T));
-  const int64_t parts = split.parts();
-  const bool pack = steps >= kPackMinSteps;
+  const SplitPlan plan(sizes, hidden, batch, sizeof(T));
+  const int64_t steps = plan.steps, parts = plan.parts;
+  const std::vector<int64_t>& offsets = plan.offsets;
+  const Partition& split = plan.split;
+  const bool pack = plan.pack;
   // W_hh by unit part: part k is the contiguous [4H, n_k] block of its units' columns, at offset
   // 4H u_k (by rows: W_hh itself).
   Tensor packed;
