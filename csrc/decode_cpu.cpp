@@ -27,198 +27,89 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <mutex>
 #include <optional>
 #include <vector>
 
 #include "cell.h"
+#include "dot_kernels.h"
+#include "part_barrier.h"
 #include "sample_cpu.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define FASTLSTM_DECODE_X86 1
-#endif
 
 namespace fastlstm {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Dot products of weight rows with one vector: the whole cost of a step at small batch.
-// Four rows at a time so each load of the vector feeds four FMAs (the four gates of a unit, or
-// four vocabulary rows of the head).
-// ---------------------------------------------------------------------------------------------
+// The step runs in one parallel region for all of its tokens: each of `parts` threads owns a
+// slice of every layer's hidden units and of the head's rows, and a spin barrier after each
+// layer, after the head and after the draw replaces a fork and join per layer (a few
+// microseconds each, a tenth of a small model's step). A part covers at least 64K weights
+// (256 KB of float32) of the step, so a small model still splits over the cores: at batch 1 the
+// step is bound by how fast the weights stream in, which every core adds to. (65, 64, 256, 2):
+// 174-195 us a token on one thread against 88-97 us on two (2-core Xeon, `python -m
+// fastlstm.bench --suites decode`). On a machine whose cores are all busy a split costs instead
+// (the barrier waits for a descheduled thread): torch.set_num_threads(1) keeps the op on one
+// thread.
+constexpr int64_t kMinWeightsPerPart = int64_t(1) << 16;
 
-using Dot4 = void (*)(const float* r0, const float* r1, const float* r2, const float* r3,
-                      const float* x, int64_t n, float* out);
-using Dot1 = float (*)(const float* r, const float* x, int64_t n);
+// [begin, end) of part k of n items split into `parts` nearly equal slices.
+inline int64_t slice_begin(int64_t k, int64_t n, int64_t parts) { return n * k / parts; }
 
-void dot4_portable(const float* r0, const float* r1, const float* r2, const float* r3,
-                   const float* x, int64_t n, float* out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-  for (int64_t k = 0; k < n; ++k) {
-    const float v = x[k];
-    s0 += r0[k] * v;
-    s1 += r1[k] * v;
-    s2 += r2[k] * v;
-    s3 += r3[k] * v;
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
-}
-
-float dot1_portable(const float* r, const float* x, int64_t n) {
-  float s = 0.f;
-  for (int64_t k = 0; k < n; ++k) s += r[k] * x[k];
-  return s;
-}
-
-#ifdef FASTLSTM_DECODE_X86
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  const __m128 low = _mm256_castps256_ps128(v);
-  const __m128 high = _mm256_extractf128_ps(v, 1);
-  __m128 sum = _mm_add_ps(low, high);
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_shuffle_ps(sum, sum, 0x55));
-  return _mm_cvtss_f32(sum);
-}
-
-__attribute__((target("avx2,fma"))) void dot4_avx2(const float* r0, const float* r1,
-                                                   const float* r2, const float* r3,
-                                                   const float* x, int64_t n, float* out) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 v = _mm256_loadu_ps(x + k);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), v, a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), v, a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), v, a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), v, a3);
-  }
-  float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);
-  for (; k < n; ++k) {
-    const float v = x[k];
-    s0 += r0[k] * v;
-    s1 += r1[k] * v;
-    s2 += r2[k] * v;
-    s3 += r3[k] * v;
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
-}
-
-__attribute__((target("avx2,fma"))) float dot1_avx2(const float* r, const float* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-  }
-  for (; k + 8 <= n; k += 8) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k), _mm256_loadu_ps(x + k), a0);
-  }
-  float s = hsum256(_mm256_add_ps(a0, a1));
-  for (; k < n; ++k) s += r[k] * x[k];
-  return s;
-}
-#endif
-
-struct DotKernels {
-  Dot4 dot4 = dot4_portable;
-  Dot1 dot1 = dot1_portable;
-};
-
-const DotKernels& dot_kernels() {
-  static const DotKernels kernels = [] {
-    DotKernels chosen;
-#ifdef FASTLSTM_DECODE_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      chosen.dot4 = dot4_avx2;
-      chosen.dot1 = dot1_avx2;
+// Part k's hidden units [u0, u1) of one layer's cell step for every batch row. x_rows[b] is row
+// b's input (in_size floats), h_prev [B, H], c [B, H] updated in place, h_next [B, H] written.
+void layer_units(const cpu::DotKernels& dots, const float* w_ih, const float* w_hh,
+                 const float* bias, const float* const* x_rows, int64_t in_size,
+                 const float* h_prev, float* c, float* h_next, int64_t batch, int64_t hidden,
+                 int64_t u0, int64_t u1) {
+  for (int64_t unit = u0; unit < u1; ++unit) {
+    const float* ih[4];
+    const float* hh[4];
+    for (int gate = 0; gate < 4; ++gate) {
+      ih[gate] = w_ih + (gate * hidden + unit) * in_size;
+      hh[gate] = w_hh + (gate * hidden + unit) * hidden;
     }
-#endif
-    return chosen;
-  }();
-  return kernels;
-}
-
-// A parallel task covers at least 64K weights (256 KB of float32), so that a layer of a small
-// model still splits over the cores: at batch 1 the step is bound by how fast the weights stream
-// in, which every core adds to, and the fork of a parallel region with its threads spinning costs
-// a few microseconds. (65, 64, 256, 2): 174-195 us a token with 512K weights per task (one thread
-// for every layer) against 88-97 us with 64K (2-core Xeon, `python -m fastlstm.bench --suites
-// decode`). On a machine whose cores are all busy a split costs instead (34-70 ms against 10.3 ms
-// at load 8 on 2 cores): torch.set_num_threads(1) keeps the op on one thread.
-constexpr int64_t kMinWeightsPerTask = int64_t(1) << 16;
-
-int64_t grain_for(int64_t weights_per_item) {
-  return std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, weights_per_item));
-}
-
-// One layer's cell step for every batch row. x [B, in] (row stride x_stride), h_prev [B, H],
-// c [B, H] updated in place, h_next [B, H] written.
-void layer_step(const DotKernels& dots, const float* w_ih, const float* w_hh, const float* bias,
-                const float* const* x_rows, int64_t in_size, const float* h_prev, float* c,
-                float* h_next, int64_t batch, int64_t hidden) {
-  at::parallel_for(0, hidden, grain_for(4 * (in_size + hidden) * batch),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const float* ih[4];
-      const float* hh[4];
+    for (int64_t b = 0; b < batch; ++b) {
+      float from_input[4], from_hidden[4];
+      dots.dot4(ih[0], ih[1], ih[2], ih[3], x_rows[b], in_size, from_input);
+      dots.dot4(hh[0], hh[1], hh[2], hh[3], h_prev + b * hidden, hidden, from_hidden);
+      float pre[4];
       for (int gate = 0; gate < 4; ++gate) {
-        ih[gate] = w_ih + (gate * hidden + unit) * in_size;
-        hh[gate] = w_hh + (gate * hidden + unit) * hidden;
+        pre[gate] = from_input[gate] + from_hidden[gate] + bias[gate * hidden + unit];
       }
-      for (int64_t b = 0; b < batch; ++b) {
-        float from_input[4], from_hidden[4];
-        dots.dot4(ih[0], ih[1], ih[2], ih[3], x_rows[b], in_size, from_input);
-        dots.dot4(hh[0], hh[1], hh[2], hh[3], h_prev + b * hidden, hidden, from_hidden);
-        float pre[4];
-        for (int gate = 0; gate < 4; ++gate) {
-          pre[gate] = from_input[gate] + from_hidden[gate] + bias[gate * hidden + unit];
-        }
-        GateValues<float> gates;
-        float c_new;
-        const float r = cell_forward<float>(pre[0], pre[1], pre[2], pre[3], c[b * hidden + unit],
-                                            gates, c_new);
-        c[b * hidden + unit] = c_new;
-        h_next[b * hidden + unit] = r;
-      }
+      GateValues<float> gates;
+      float c_new;
+      const float r = cell_forward<float>(pre[0], pre[1], pre[2], pre[3], c[b * hidden + unit],
+                                          gates, c_new);
+      c[b * hidden + unit] = c_new;
+      h_next[b * hidden + unit] = r;
     }
-  });
+  }
 }
 
-// logits [B, V] = h [B, H] @ head_weight^T + head_bias
-void head_step(const DotKernels& dots, const float* weight, const float* bias, const float* h,
-               float* logits, int64_t batch, int64_t hidden, int64_t vocab) {
-  const int64_t quads = vocab / 4;
-  at::parallel_for(0, quads + 1, grain_for(4 * hidden * batch), [&](int64_t begin, int64_t end) {
-    for (int64_t quad = begin; quad < end; ++quad) {
-      const int64_t row = quad * 4;
-      if (quad < quads) {
-        const float* r = weight + row * hidden;
-        for (int64_t b = 0; b < batch; ++b) {
-          float out[4];
-          dots.dot4(r, r + hidden, r + 2 * hidden, r + 3 * hidden, h + b * hidden, hidden, out);
-          for (int j = 0; j < 4; ++j) {
-            logits[b * vocab + row + j] = out[j] + (bias ? bias[row + j] : 0.f);
-          }
-        }
-      } else {  // the last vocab % 4 rows
-        for (int64_t v = row; v < vocab; ++v) {
-          for (int64_t b = 0; b < batch; ++b) {
-            logits[b * vocab + v] =
-                dots.dot1(weight + v * hidden, h + b * hidden, hidden) + (bias ? bias[v] : 0.f);
-          }
-        }
+// Rows [v0, v1) of logits [B, V] = h [B, H] @ head_weight^T + head_bias, four rows at a time,
+// one from each quarter of the range.
+void head_rows(const cpu::DotKernels& dots, const float* weight, const float* bias,
+               const float* h, float* logits, int64_t batch, int64_t hidden, int64_t vocab,
+               int64_t v0, int64_t v1) {
+  const int64_t quarter = (v1 - v0) / 4;
+  for (int64_t i = 0; i < quarter; ++i) {
+    const int64_t rows[4] = {v0 + i, v0 + quarter + i, v0 + 2 * quarter + i,
+                             v0 + 3 * quarter + i};
+    for (int64_t b = 0; b < batch; ++b) {
+      float out[4];
+      dots.dot4(weight + rows[0] * hidden, weight + rows[1] * hidden, weight + rows[2] * hidden,
+                weight + rows[3] * hidden, h + b * hidden, hidden, out);
+      for (int j = 0; j < 4; ++j) {
+        logits[b * vocab + rows[j]] = out[j] + (bias ? bias[rows[j]] : 0.f);
       }
     }
-  });
+  }
+  for (int64_t v = v0 + 4 * quarter; v < v1; ++v) {  // the last (v1 - v0) % 4 rows
+    for (int64_t b = 0; b < batch; ++b) {
+      logits[b * vocab + v] =
+          dots.dot1(weight + v * hidden, h + b * hidden, hidden) + (bias ? bias[v] : 0.f);
+    }
+  }
 }
 
 void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
@@ -299,50 +190,90 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
                 token_in[b], " is outside the embedding's [0, ", vocab_in, ")");
   }
 
-  const DotKernels& dots = dot_kernels();
+  const cpu::DotKernels& dots = cpu::dot_kernels();
   const at::Tensor temperatures = at::full({batch}, temperature, h.options());
   auto* cpu_generator = at::get_generator_or_default<at::CPUGeneratorImpl>(
       generator, at::detail::getDefaultCPUGenerator());
   at::Tensor logits = at::empty({batch, vocab}, head_weight.options());
-  at::Tensor h_next = at::empty({batch, hidden}, h.options());
-  std::vector<const float*> x_rows(batch);
+  // h of every layer twice: step s reads half s % 2 and writes the other, so no part overwrites
+  // a unit of h another part has still to read.
+  at::Tensor h_halves = at::empty({2, layers, batch, hidden}, h.options());
+  h_halves[0].copy_(h);
   std::vector<int64_t> current(token_in, token_in + batch);
-  float* h_data = h.data_ptr<float>();
-  float* c_data = c.data_ptr<float>();
-  float* h_next_data = h_next.data_ptr<float>();
-  const float* embedding_data = embedding.data_ptr<float>();
-  int64_t* tokens_data = tokens.data_ptr<int64_t>();
-
-  for (int64_t step = 0; step < num_steps; ++step) {
-    for (int64_t b = 0; b < batch; ++b) x_rows[b] = embedding_data + current[b] * embed;
-    int64_t in_size = embed;
-    for (int64_t l = 0; l < layers; ++l) {
-      float* h_layer = h_data + l * batch * hidden;
-      layer_step(dots, w_ih[l].data_ptr<float>(), w_hh[l].data_ptr<float>(),
-                 bias[l].data_ptr<float>(), x_rows.data(), in_size, h_layer,
-                 c_data + l * batch * hidden, h_next_data, batch, hidden);
-      std::copy(h_next_data, h_next_data + batch * hidden, h_layer);
-      for (int64_t b = 0; b < batch; ++b) x_rows[b] = h_layer + b * hidden;
-      in_size = hidden;
-    }
-    head_step(dots, head_weight.data_ptr<float>(), head_bias_data,
-              h_data + (layers - 1) * batch * hidden, logits.data_ptr<float>(), batch, hidden,
-              vocab);
-    uint64_t seed;
-    {
-      std::lock_guard<std::mutex> lock(cpu_generator->mutex_);
-      seed = cpu_generator->random64();
-    }
-    const at::Tensor drawn =
-        sample_cpu(logits, temperatures, top_k, top_p, static_cast<int64_t>(seed), 0);
-    const int64_t* drawn_data = drawn.data_ptr<int64_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CHECK(drawn_data[b] >= 0 && drawn_data[b] < vocab_in, "decode_cpu: drew token ",
-                  drawn_data[b], " but the embedding has only ", vocab_in, " rows");
-      current[b] = drawn_data[b];
-      tokens_data[b * num_steps + step] = drawn_data[b];
-    }
+  float* const h_buffers = h_halves.data_ptr<float>();
+  const int64_t h_half = layers * batch * hidden;
+  float* const c_data = c.data_ptr<float>();
+  float* const logits_data = logits.data_ptr<float>();
+  const float* const embedding_data = embedding.data_ptr<float>();
+  const float* const head_data = head_weight.data_ptr<float>();
+  int64_t* const tokens_data = tokens.data_ptr<int64_t>();
+  std::vector<const float*> w_ih_data(layers), w_hh_data(layers), bias_data(layers);
+  int64_t step_weights = vocab * hidden;
+  for (int64_t l = 0; l < layers; ++l) {
+    w_ih_data[l] = w_ih[l].data_ptr<float>();
+    w_hh_data[l] = w_hh[l].data_ptr<float>();
+    bias_data[l] = bias[l].data_ptr<float>();
+    step_weights += w_ih[l].numel() + w_hh[l].numel();
   }
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), step_weights * batch / kMinWeightsPerPart));
+
+  cpu::PartBarrier barrier(parts);
+  std::exception_ptr failure;  // written by part 0 before a barrier, read by all after it
+  bool failed = false;
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    const int64_t weight = part_end - part_begin;
+    std::vector<const float*> x_rows(batch);
+    for (int64_t step = 0; step < num_steps; ++step) {
+      const float* h_prev = h_buffers + (step % 2) * h_half;
+      float* h_next = h_buffers + ((step + 1) % 2) * h_half;
+      for (int64_t b = 0; b < batch; ++b) x_rows[b] = embedding_data + current[b] * embed;
+      int64_t in_size = embed;
+      for (int64_t l = 0; l < layers; ++l) {
+        float* h_out = h_next + l * batch * hidden;
+        for (int64_t k = part_begin; k < part_end; ++k) {
+          layer_units(dots, w_ih_data[l], w_hh_data[l], bias_data[l], x_rows.data(), in_size,
+                      h_prev + l * batch * hidden, c_data + l * batch * hidden, h_out, batch,
+                      hidden, slice_begin(k, hidden, parts), slice_begin(k + 1, hidden, parts));
+        }
+        barrier.arrive_and_wait(weight);
+        for (int64_t b = 0; b < batch; ++b) x_rows[b] = h_out + b * hidden;
+        in_size = hidden;
+      }
+      for (int64_t k = part_begin; k < part_end; ++k) {
+        head_rows(dots, head_data, head_bias_data, h_next + (layers - 1) * batch * hidden,
+                  logits_data, batch, hidden, vocab, slice_begin(k, vocab, parts),
+                  slice_begin(k + 1, vocab, parts));
+      }
+      barrier.arrive_and_wait(weight);
+      if (part_begin == 0) {
+        try {
+          uint64_t seed;
+          {
+            std::lock_guard<std::mutex> lock(cpu_generator->mutex_);
+            seed = cpu_generator->random64();
+          }
+          const at::Tensor drawn =
+              sample_cpu(logits, temperatures, top_k, top_p, static_cast<int64_t>(seed), 0);
+          const int64_t* drawn_data = drawn.data_ptr<int64_t>();
+          for (int64_t b = 0; b < batch; ++b) {
+            TORCH_CHECK(drawn_data[b] >= 0 && drawn_data[b] < vocab_in,
+                        "decode_cpu: drew token ", drawn_data[b], " but the embedding has only ",
+                        vocab_in, " rows");
+            current[b] = drawn_data[b];
+            tokens_data[b * num_steps + step] = drawn_data[b];
+          }
+        } catch (...) {
+          failure = std::current_exception();
+          failed = true;
+        }
+      }
+      barrier.arrive_and_wait(weight);
+      if (failed) return;
+    }
+  });
+  if (failure) std::rethrow_exception(failure);
+  h.copy_(h_halves[num_steps % 2]);
   return tokens;
 }
 

@@ -11,17 +11,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <optional>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_buffers.h"
+#include "dot_kernels.h"
 #include "lstm_cpu_kernels.h"
+#include "part_barrier.h"
 
 #if defined(__linux__)
 // The Fortran BLAS that libtorch_cpu exports when torch is built with MKL or OpenBLAS. Declared
@@ -56,12 +56,18 @@ void forward_rows_avx2(const ForwardStep<float>& step, int64_t begin, int64_t en
 void forward_rows_avx2(const ForwardStep<double>& step, int64_t begin, int64_t end);
 void backward_rows_avx2(const BackwardStep<float>& step, int64_t begin, int64_t end);
 void backward_rows_avx2(const BackwardStep<double>& step, int64_t begin, int64_t end);
+void dot4_avx2(const float* r0, const float* r1, const float* r2, const float* r3,
+               const float* x, int64_t n, float* out);
+float dot1_avx2(const float* r, const float* x, int64_t n);
 
 // Defined in lstm_cpu_avx512.cpp.
 void forward_rows_avx512(const ForwardStep<float>& step, int64_t begin, int64_t end);
 void forward_rows_avx512(const ForwardStep<double>& step, int64_t begin, int64_t end);
 void backward_rows_avx512(const BackwardStep<float>& step, int64_t begin, int64_t end);
 void backward_rows_avx512(const BackwardStep<double>& step, int64_t begin, int64_t end);
+void dot4_avx512(const float* r0, const float* r1, const float* r2, const float* r3,
+                 const float* x, int64_t n, float* out);
+float dot1_avx512(const float* r, const float* x, int64_t n);
 
 static bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -94,6 +100,17 @@ static void backward_rows(const BackwardStep<T>& step, int64_t begin, int64_t en
   if (cpu_has_avx2()) return backward_rows_avx2(step, begin, end);
 #endif
   backward_rows_baseline(step, begin, end);
+}
+
+const DotKernels& dot_kernels() {
+  static const DotKernels kernels = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx512()) return DotKernels{dot4_avx512, dot1_avx512};
+    if (cpu_has_avx2()) return DotKernels{dot4_avx2, dot1_avx2};
+#endif
+    return DotKernels{dot4_baseline, dot1_baseline};
+  }();
+  return kernels;
 }
 
 // Rows per parallel task: enough hidden units that a task outweighs the cost of handing it out.
@@ -316,45 +333,6 @@ Tensor to_acc(const Tensor& tensor, at::ScalarType acc) {
 // one barrier per step then makes the step's h visible to every thread. Against one
 // multi-threaded GEMM and one parallel pointwise pass per step, this saves two fork/joins a step
 // and splits the pointwise work, which at H <= 256 costs about as much as the GEMM.
-
-#if defined(__x86_64__) || defined(_M_X64)
-inline void cpu_relax() { __builtin_ia32_pause(); }
-#else
-inline void cpu_relax() {}
-#endif
-
-// A spin barrier for the threads of one at::parallel_for region. Each thread arrives with the
-// number of parts it runs, so the barrier opens once every part has arrived, however many threads
-// OpenMP gave the region (a single thread running every part never waits).
-class PartBarrier {
- public:
-  explicit PartBarrier(int64_t parts) : parts_(parts) {}
-
-  void arrive_and_wait(int64_t weight) {
-    if (weight == parts_) return;
-    const int64_t generation = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(weight, std::memory_order_acq_rel) + weight == parts_) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.store(generation + 1, std::memory_order_release);
-      return;
-    }
-    // Spin briefly (a step takes tens of microseconds, the wait for the slowest part a few),
-    // then yield so that an oversubscribed machine still makes progress.
-    for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins < kSpins) {
-        cpu_relax();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  static constexpr int64_t kSpins = 1 << 11;
-  const int64_t parts_;
-  alignas(64) std::atomic<int64_t> arrived_{0};
-  alignas(64) std::atomic<int64_t> generation_{0};
-};
 
 // Asks the cache for columns [begin, end) of `rows` rows of a row-major matrix (leading dimension
 // ld), ahead of their use. A part's pointwise pass reads its units' columns of the step's input

@@ -1,4 +1,5 @@
 """fastlstm.lm: tokenizers, the model, training (loss, resume, DDP) and generation."""
+import math
 import os
 import socket
 
@@ -345,6 +346,48 @@ def test_cpu_op_decoder_matches_python_decoder(prompt_length):
         assert torch.equal(outs[0], outs[1]), (temperature, outs)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_op_split_over_threads_matches_reference(threads):
+    """A model large enough for the op to split every layer and the head among threads (tails in
+    every dimension: vocab 97, embed 20, hidden 100): the same tokens on 1, 2 and 3 threads, as
+    the nn.LSTM loop greedily and as the Python decoder when sampling."""
+    if _cpu_op() is None:
+        pytest.skip("fastlstm._C with decode_cpu is not built here")
+    model = _model(vocab=97, embed=20, hidden=100, layers=2)
+    prompt = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(4))
+    expected = _reference_greedy(model, prompt, 25)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        greedy = Decoder(model, prompt, temperature=0.0, mode="cpu_op").next(25)
+        single = Decoder(model, prompt[:1], temperature=0.0, mode="cpu_op").next(25)
+        sampled = [Decoder(model, prompt, 0.9, top_k=30, generator=torch.Generator().manual_seed(2),
+                           mode=mode).next(25) for mode in ("python", "cpu_op")]
+    finally:
+        torch.set_num_threads(previous)
+    assert len(set(expected.flatten().tolist())) > 5, "degenerate reference sequence"
+    assert torch.equal(greedy, expected)
+    assert torch.equal(single, expected[:1])
+    assert torch.equal(sampled[0], sampled[1])
+
+
+def test_cpu_op_error_in_split_draw_raises():
+    """An error in the draw (NaN logits) while the op runs on several threads is raised, not a
+    hang or a token."""
+    if _cpu_op() is None:
+        pytest.skip("fastlstm._C with decode_cpu is not built here")
+    model = _model(vocab=97, embed=20, hidden=100, layers=2)
+    with torch.no_grad():
+        model.head.bias[7] = float("nan")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="NaN"):
+            Decoder(model, torch.zeros(2, 3, dtype=torch.long), 1.0, mode="cpu_op").next(5)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_generate_keeps_training_mode_and_checks_arguments():
     model = _model().train()
     prompt = torch.randint(0, 40, (1, 3))
@@ -356,6 +399,9 @@ def test_generate_keeps_training_mode_and_checks_arguments():
         generate(model, torch.full((1, 2), 40), 5)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, prompt, 5, temperature=-1.0)
+    for temperature in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="generate: temperature must be"):
+            generate(model, prompt, 5, temperature=temperature)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompt, 5, top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):

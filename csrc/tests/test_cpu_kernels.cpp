@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cell.h"
+#include "dot_kernels.h"
 
 namespace {
 
@@ -233,6 +234,70 @@ void test_bad_argument_is_reported() {
 
 }  // namespace
 
+namespace fastlstm {
+namespace cpu {
+// The dot kernels of each instruction set (lstm_cpu.cpp, lstm_cpu_avx2.cpp, lstm_cpu_avx512.cpp).
+void dot4_baseline(const float*, const float*, const float*, const float*, const float*, int64_t,
+                   float*);
+float dot1_baseline(const float*, const float*, int64_t);
+#if defined(__x86_64__) || defined(_M_X64)
+void dot4_avx2(const float*, const float*, const float*, const float*, const float*, int64_t,
+               float*);
+float dot1_avx2(const float*, const float*, int64_t);
+void dot4_avx512(const float*, const float*, const float*, const float*, const float*, int64_t,
+                 float*);
+float dot1_avx512(const float*, const float*, int64_t);
+#endif
+}  // namespace cpu
+}  // namespace fastlstm
+
+namespace {
+
+// Each instruction set's dot4 / dot1 against a double-precision sum, for lengths around every
+// vector width (the tails are masked loads) and rows that start off the vector alignment.
+void check_dot_kernels(const char* name, const fastlstm::cpu::DotKernels& dots) {
+  const int64_t lengths[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 512};
+  for (const int64_t n : lengths) {
+    const at::Tensor rows = at::randn({4, n + 1}, at::kFloat);
+    const at::Tensor x = at::randn({n + 1}, at::kFloat);
+    const float* r = rows.data_ptr<float>() + 1;  // one float past the start: unaligned
+    const float* xv = x.data_ptr<float>() + 1;
+    const int64_t ld = n + 1;
+    float out[4];
+    dots.dot4(r, r + ld, r + 2 * ld, r + 3 * ld, xv, n, out);
+    for (int j = 0; j < 4; ++j) {
+      double expected = 0.0;
+      for (int64_t k = 0; k < n; ++k) expected += double(r[j * ld + k]) * double(xv[k]);
+      const std::string what = std::string(name) + " dot4 n=" + std::to_string(n) + " row " +
+                               std::to_string(j);
+      expect_close(out[j], expected, 1e-5 * (1.0 + std::sqrt(double(n))), what);
+      if (j == 2) {
+        expect_close(dots.dot1(r + 2 * ld, xv, n), expected, 1e-5 * (1.0 + std::sqrt(double(n))),
+                     std::string(name) + " dot1 n=" + std::to_string(n));
+      }
+    }
+  }
+}
+
+void test_dot_kernels() {
+  using fastlstm::cpu::DotKernels;
+  check_dot_kernels("baseline", DotKernels{fastlstm::cpu::dot4_baseline,
+                                           fastlstm::cpu::dot1_baseline});
+#if defined(__x86_64__) || defined(_M_X64)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    check_dot_kernels("avx2", DotKernels{fastlstm::cpu::dot4_avx2, fastlstm::cpu::dot1_avx2});
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    check_dot_kernels("avx512",
+                      DotKernels{fastlstm::cpu::dot4_avx512, fastlstm::cpu::dot1_avx512});
+  }
+#endif
+  check_dot_kernels("dispatched", fastlstm::cpu::dot_kernels());
+}
+
+}  // namespace
+
 int main() {
   test_cell_arithmetic();
   const Case cases[] = {
@@ -245,6 +310,7 @@ int main() {
     check_case(cs, at::kFloat, 2e-5);
   }
   test_bad_argument_is_reported();
+  test_dot_kernels();
   if (failures == 0) std::printf("all CPU kernel tests passed\n");
   return failures == 0 ? 0 : 1;
 }

@@ -12,6 +12,7 @@ semantics:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -57,8 +58,9 @@ def _check_arguments(model, prompt_ids, max_new_tokens, temperature, top_k, top_
                          f"[{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-        raise ValueError(f"generate: temperature must be a float >= 0 (0 = greedy); got "
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not (temperature >= 0 and math.isfinite(temperature))):
+        raise ValueError(f"generate: temperature must be a finite float >= 0 (0 = greedy); got "
                          f"{temperature!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"generate: top_k must be an int >= 0 (0 = off); got {top_k!r}")
@@ -180,7 +182,9 @@ class Decoder:
                 out, (h, c) = model.lstm(model.embedding(prompt_ids.long()))
                 self.pending_logits = model.head(out[:, -1])
         self.h = h.contiguous()
-        self.c = c.contiguous()
+        # c is carried in float32 between steps whatever the model's dtype, as the kernels keep
+        # it within a sequence (the CPU op's models are float32 already).
+        self.c = c.float().contiguous()
         self._graph = None
 
     def _choose_mode(self, mode):
@@ -220,7 +224,11 @@ class Decoder:
         out = torch.empty(self.batch, count, dtype=torch.int64, device=self.device)
         if count == 0:
             return out
-        with self._inference():
+        # On CUDA the model's device is made current: Triton kernels and torch.cuda.graph's
+        # capture stream use the current device, whatever device the tensors are on.
+        device = (torch.cuda.device(self.device) if self.device.type == "cuda"
+                  else contextlib.nullcontext())
+        with self._inference(), device:
             done = 0
             if self.pending_logits is not None:
                 self.token = self._draw(self.pending_logits)
