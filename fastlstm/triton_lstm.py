@@ -26,6 +26,7 @@ Supported dtypes: float32, float16, bfloat16 on CUDA (fp32 accumulation, fp32 ce
 float64 (fp64 accumulation); float32 and float64 on the CPU under the interpreter.
 """
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -548,6 +549,14 @@ def _lstm_bwd_sequence_kernel(
 # Host side: checks, layout, design choice, launches.
 # ----------------------------------------------------------------------------------------------
 
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device (and its current stream), whatever device the
+    pointers belong to: make the tensor's device current for the launches."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -905,7 +914,8 @@ def recurrence_forward(xg: torch.Tensor, batch_sizes: torch.Tensor, h0: torch.Te
     gates [N, 4H] and cells [N, H] in the accumulation dtype (fp32, or fp64 for fp64 input);
     otherwise both are empty [0, 4H] / [0, H].
     """
-    return _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save)
+    with _on_device(xg):
+        return _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save)
 
 
 @torch.library.custom_op("fastlstm_triton::recurrence_backward", mutates_args=())
@@ -921,8 +931,9 @@ def recurrence_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor, grad_cn: 
     gradients), grad_h0 [B, P], grad_c0 [B, H] and, with w_hr, grad_h_total [N, P] (the whole
     gradient reaching each row's h; [0, P] without projection).
     """
-    return _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells,
-                          reverse)
+    with _on_device(grad_out):
+        return _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates,
+                              cells, reverse)
 
 
 _recurrence.register("fastlstm_triton::recurrence_forward", recurrence_backward,

@@ -251,6 +251,15 @@ def triton_sample(logits: torch.Tensor, temperature, top_k: int, top_p: float,
                   generator: torch.Generator | None) -> torch.Tensor:
     """logits [..., V] float32/float16/bfloat16; temperature float or tensor [...] -> int64 [...]
     (-1 marks a bad row; the caller raises). Arguments are checked by fastlstm.sample."""
+    # Triton launches on the current CUDA device, whatever device the pointers belong to.
+    if (logits.is_cuda and not torch.compiler.is_compiling()
+            and logits.device.index != torch.cuda.current_device()):
+        with torch.cuda.device(logits.device):
+            return _sample(logits, temperature, top_k, top_p, generator)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits, temperature, top_k, top_p, generator):
     batch_shape = logits.shape[:-1]
     vocab = logits.shape[-1]
     rows_logits = logits.reshape(-1, vocab).contiguous()
