@@ -78,8 +78,10 @@ def previous_hidden(out: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tens
                     reverse: bool) -> torch.Tensor:
     """h_prev for every row: the h that row's step multiplied with W_hh."""
     batch = h0.shape[0]
+    if out.shape[0] == 0:  # batch 0: no rows
+        return out.new_empty(0, h0.shape[1])
     if batch_sizes.numel() == 0:
-        steps = out.shape[0] // batch if batch else 0
+        steps = out.shape[0] // batch
         seq = out.reshape(steps, batch, -1)
         if reverse:
             prev = torch.cat([seq[1:], h0.unsqueeze(0)], 0)
@@ -249,6 +251,28 @@ def fake_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates
             grad_out.new_empty(rows if w_hr is not None else 0, grad_out.shape[1]))
 
 
+def make_double_backward_error(backward_qualname: str):
+    """The autograd formula of a backward op: differentiating it (double backward) is an error.
+
+    Without a formula, autograd would treat the op's outputs as constants when a graph is built
+    through the backward (create_graph=True), and second derivatives would silently be wrong.
+    Raised only when a second backward actually reaches the op, as nn.LSTM does on cuDNN.
+    """
+    def setup_context(ctx, inputs, output):
+        if backward_qualname.startswith("fastlstm_triton::"):
+            ctx.backend = "triton"
+        else:
+            ctx.backend = "cuda" if inputs[0].device.type == "cuda" else "cpu"
+
+    def double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastlstm: the {ctx.backend} backend's LSTM backward ({backward_qualname}) is not "
+            f"differentiable, so gradients of gradients (double backward) are not supported; "
+            f"use backend='torch' for higher-order gradients")
+
+    return double_backward, setup_context
+
+
 def register(forward_qualname: str, backward_op, *, fake: bool = True,
              backward_qualname: str | None = None):
     """Attach fake kernels and autograd to a backend's recurrence ops."""
@@ -258,3 +282,7 @@ def register(forward_qualname: str, backward_op, *, fake: bool = True,
             torch.library.register_fake(backward_qualname)(fake_backward)
     torch.library.register_autograd(forward_qualname, make_backward(backward_op),
                                     setup_context=_setup_context)
+    if backward_qualname is not None:
+        double_backward, setup_context = make_double_backward_error(backward_qualname)
+        torch.library.register_autograd(backward_qualname, double_backward,
+                                        setup_context=setup_context)

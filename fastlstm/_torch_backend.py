@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._recurrence import step_layout
+from ._recurrence import acc_dtype, step_layout
 
 
 def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
@@ -18,28 +18,33 @@ def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
     Returns out [N, P], h_n [B, P], c_n [B, H].
     """
     batch = h0.shape[0]
+    dtype = x.dtype
+    # float16 / bfloat16: gates, the cell state and the projection in float32, h rounded to the
+    # input dtype each step (the contract of the fused kernels, see _recurrence).
+    acc = acc_dtype(dtype) if dtype in (torch.float16, torch.bfloat16) else dtype
     bias = None if b_ih is None else b_ih + b_hh
     input_gates = F.linear(x, w_ih, bias)
-    layout = step_layout(batch_sizes, x.shape[0], batch)
-    h, c = h0, c0
+    # Batch 0 has no rows; one empty step still links the outputs to every weight, so their
+    # gradients are zeros as with nn.LSTM, not None.
+    layout = step_layout(batch_sizes, x.shape[0], batch) or [(0, 0)]
+    w_hh_acc = w_hh.to(acc)
+    w_hr_acc = None if w_hr is None else w_hr.to(acc)
+    h, c = h0, c0.to(acc)
     outputs = [None] * len(layout)
     order = range(len(layout) - 1, -1, -1) if reverse else range(len(layout))
     for t in order:
         offset, live = layout[t]
-        gates = input_gates[offset:offset + live] + F.linear(h[:live], w_hh)
+        gates = input_gates[offset:offset + live].to(acc) + F.linear(h[:live].to(acc), w_hh_acc)
         in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, 1)
         c_live = forget_gate.sigmoid() * c[:live] + in_gate.sigmoid() * cell_gate.tanh()
         h_live = out_gate.sigmoid() * c_live.tanh()
-        if w_hr is not None:
-            h_live = F.linear(h_live, w_hr)
+        if w_hr_acc is not None:
+            h_live = F.linear(h_live, w_hr_acc)
+        h_live = h_live.to(dtype)
         outputs[t] = h_live
         if live == batch:
             h, c = h_live, c_live
         else:  # rows past `live` are finished (forward) or not yet started (reverse)
             h = torch.cat([h_live, h[live:]], 0)
             c = torch.cat([c_live, c[live:]], 0)
-    if outputs:
-        out = torch.cat(outputs, 0)
-    else:
-        out = x.new_empty(0, h0.shape[1])
-    return out, h, c
+    return torch.cat(outputs, 0), h, c.to(dtype)

@@ -22,6 +22,8 @@ def _autocast_dtype(device_type: str):
     except TypeError:  # torch < 2.4 has no per-device query
         enabled = (torch.is_autocast_enabled() if device_type == "cuda"
                    else torch.is_autocast_cpu_enabled())
+    except RuntimeError:  # a device type autocast does not know (meta): never autocast
+        return None
     if not enabled:
         return None
     try:
@@ -29,6 +31,24 @@ def _autocast_dtype(device_type: str):
     except AttributeError:
         return (torch.get_autocast_gpu_dtype() if device_type == "cuda"
                 else torch.get_autocast_cpu_dtype())
+
+
+def _autocast_cast(tensor, dtype):
+    """What autocast does to one argument of a low-precision op: floating tensors become `dtype`,
+    except float64 ones, which it leaves alone (as it does non-floating tensors)."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
+def _check_autocast_dtypes(module_name, input, named_tensors):
+    """After autocast's casts, float64 tensors mixed with others fail in nn's kernels too."""
+    for name, tensor in named_tensors:
+        if tensor is not None and tensor.dtype != input.dtype:
+            raise RuntimeError(
+                f"{module_name}: under autocast the input runs in {input.dtype} but {name} in "
+                f"{tensor.dtype} (autocast does not cast float64 tensors); make them all float64 "
+                f"or none")
 
 
 def _check_same_device(input, tensors, what):
@@ -123,7 +143,10 @@ class LSTM(_BackendChoice, nn.LSTM):
             # A bare tensor is indexed as nn.LSTM indexes it (hx[0], hx[1]), so it fails with
             # nn.LSTM's error types (IndexError, or the 3-D check below).
             if isinstance(hx, (tuple, list)) and len(hx) != 2:
-                raise RuntimeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
+                # nn.LSTM reads hx[1] of a dense input first (IndexError when it is missing).
+                error = IndexError if len(hx) < 2 and batch_sizes is None else RuntimeError
+                raise error(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors; got "
+                            f"{len(hx)} tensors")
             if batch_sizes is None:
                 if is_batched:
                     if hx[0].dim() != 3 or hx[1].dim() != 3:
@@ -138,6 +161,10 @@ class LSTM(_BackendChoice, nn.LSTM):
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
             self.check_forward_args(input, hx, batch_sizes)
             hx = self.permute_hidden(hx, sorted_indices)
+            if not isinstance(hx, (tuple, list)):
+                # nn.LSTM passes hx on to its kernel, which takes only a tuple of tensors.
+                raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors; got "
+                                f"{type(hx).__name__}")
 
         if batch_sizes is None and input.size(1 if self.batch_first else 0) == 0:
             # nn.LSTM's error, raised by its kernel after the argument checks above.
@@ -146,12 +173,21 @@ class LSTM(_BackendChoice, nn.LSTM):
         _check_same_device(input, hx, "hidden")
         _check_same_device(input, [w for ws in weights for w in ws], "parameter")
         autocast_dtype = _autocast_dtype(input.device.type)
+        c_n_dtype = None
         if autocast_dtype is not None and input.is_floating_point():
-            # What autocast does for nn.LSTM: run the whole op in the autocast dtype.
-            cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
+            # What autocast does for nn.LSTM: run the whole op in the autocast dtype (float64
+            # tensors excepted: an all-float64 call runs in float64).
+            c0_dtype = hx[1].dtype
+            cast = lambda t: _autocast_cast(t, autocast_dtype)  # noqa: E731
             input = cast(input)
             hx = (cast(hx[0]), cast(hx[1]))
             weights = [tuple(cast(w) for w in ws) for ws in weights]
+            _check_autocast_dtypes("LSTM", input, [("hx[0]", hx[0]), ("hx[1]", hx[1])] + [
+                (name, cast(w)) for name, w in zip(self._flat_weights_names, self._flat_weights)])
+            if self.proj_size > 0 and input.device.type != "cuda":
+                # With proj_size the CPU runs nn.LSTM's composite (oneDNN has no projection):
+                # only the matmuls are cast, and the cell state stays in promote(dtype, c_0 dtype).
+                c_n_dtype = torch.promote_types(input.dtype, c0_dtype)
         else:
             for index, tensor in enumerate(hx):
                 if tensor.dtype != input.dtype:
@@ -178,6 +214,8 @@ class LSTM(_BackendChoice, nn.LSTM):
                     bidirectional=self.bidirectional, dropout=float(self.dropout),
                     training=self.training, backend=backend)
 
+        if c_n_dtype is not None:
+            c_n = c_n.to(c_n_dtype)
         hidden = (h_n, c_n)
         if isinstance(orig_input, PackedSequence):
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -205,6 +243,14 @@ class LSTMCell(_BackendChoice, nn.LSTMCell):
                 if value.dim() not in (1, 2):
                     raise ValueError(
                         f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
+        if hx is not None:
+            # nn.LSTMCell's kernel takes exactly a tuple of two tensors.
+            if not isinstance(hx, (tuple, list)):
+                raise TypeError(f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors; got "
+                                f"{type(hx).__name__}")
+            if len(hx) != 2:
+                raise RuntimeError(f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors; got "
+                                   f"{len(hx)} tensors")
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
@@ -229,12 +275,20 @@ class LSTMCell(_BackendChoice, nn.LSTMCell):
         _check_same_device(input, weights, "parameter")
         autocast_dtype = _autocast_dtype(input.device.type)
         if autocast_dtype is not None and input.is_floating_point():
-            run_dtype = autocast_dtype
+            # Autocast casts floating tensors to its dtype, float64 ones excepted.
+            low = lambda t: _autocast_cast(t, autocast_dtype)  # noqa: E731
+            run_dtype = low(input).dtype
+            checked = [("hx[0]", low(hx[0]))] + [
+                (name, low(w)) for name, w in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                                                  weights)]
             if input.device.type != "cuda":
                 # Only CUDA autocast lists lstm_cell as a low-precision op. Elsewhere (the CPU)
                 # nn.LSTMCell runs its composite: gates in the autocast dtype, then the cell update
-                # with c_0, so h' and c' come out in promote(autocast dtype, c_0 dtype).
-                run_dtype = torch.promote_types(autocast_dtype, hx[1].dtype)
+                # with c_0, so h' and c' come out in promote(gate dtype, c_0 dtype).
+                run_dtype = torch.promote_types(run_dtype, hx[1].dtype)
+            else:
+                checked.append(("hx[1]", low(hx[1])))
+            _check_autocast_dtypes("LSTMCell", low(input), checked)
             cast = lambda t: None if t is None else t.to(run_dtype)  # noqa: E731
             input, hx, weights = cast(input), (cast(hx[0]), cast(hx[1])), tuple(
                 cast(w) for w in weights)

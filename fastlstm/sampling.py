@@ -35,6 +35,7 @@ and `check_tokens(tokens)` (or `sample(..., check=True)`) synchronizes and raise
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -86,10 +87,17 @@ def _check_scalars(logits, temperature, top_k, top_p):
         if not temperature.is_floating_point():
             raise ValueError(f"fastlstm.sample: temperature must be floating point; got "
                              f"{temperature.dtype}")
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"fastlstm.sample: temperature must be a float or a tensor of shape "
+                        f"{tuple(logits.shape[:-1])} (one per row); got "
+                        f"{type(temperature).__name__}")
     elif not (temperature >= 0.0 and math.isfinite(temperature)):
         raise ValueError(f"fastlstm.sample: temperature must be finite and >= 0; got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise ValueError(f"fastlstm.sample: top_k must be an int >= 0 (0 = off); got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"fastlstm.sample: top_p must be a float in (0, 1] (1 = off); got "
+                        f"{type(top_p).__name__}")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"fastlstm.sample: top_p must be in (0, 1] (1 = off); got {top_p!r}")
 
@@ -113,6 +121,7 @@ def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: floa
         int64 token ids of shape [...], on the logits' device.
     """
     _check_scalars(logits, temperature, top_k, top_p)
+    top_k = int(top_k)
     name = _resolve(backend, logits.device)
     if logits.dtype == torch.float64 and name != "torch":
         if backend != "auto":
@@ -173,6 +182,7 @@ def sample_reference(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, t
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """The torch backend: the distribution written out with torch ops, in float64."""
     _check_scalars(logits, temperature, top_k, top_p)
+    top_k = int(top_k)
     batch_shape = logits.shape[:-1]
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab).double()

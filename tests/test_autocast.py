@@ -34,13 +34,15 @@ def _run(module, x, hx):
     return (out, h, c), grads
 
 
-def _check_lstm(backend, device, dtype, sizes):
+def _check_lstm(backend, device, dtype, sizes, proj_size=0):
     steps, batch, input_size, hidden = sizes
-    reference = nn.LSTM(input_size, hidden, num_layers=2, device=device)
-    fast = fastlstm.LSTM(input_size, hidden, num_layers=2, device=device, backend=backend)
+    reference = nn.LSTM(input_size, hidden, num_layers=2, device=device, proj_size=proj_size)
+    fast = fastlstm.LSTM(input_size, hidden, num_layers=2, device=device, proj_size=proj_size,
+                         backend=backend)
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(steps, batch, input_size, device=device)
-    exact_module = nn.LSTM(input_size, hidden, num_layers=2, device=device, dtype=torch.float64)
+    exact_module = nn.LSTM(input_size, hidden, num_layers=2, device=device, proj_size=proj_size,
+                           dtype=torch.float64)
     exact_module.load_state_dict(reference.state_dict())
     exact_outs, exact_grads = _run(exact_module, x.double(), None)
 
@@ -82,6 +84,68 @@ def test_nn_lstm_cpu_autocast_dtypes():
 def test_lstm_cpu_bf16(backend):
     sizes = (3, 2, 3, 4) if backend == "triton" else (7, 3, 8, 16)
     _check_lstm(backend, "cpu", torch.bfloat16, sizes)
+
+
+@pytest.mark.parametrize("backend", _backends_for("cpu"))
+def test_lstm_cpu_bf16_proj(backend):
+    """With proj_size, nn.LSTM on the CPU keeps the cell state in float32 under autocast."""
+    sizes = (3, 2, 3, 4) if backend == "triton" else (7, 3, 8, 16)
+    _check_lstm(backend, "cpu", torch.bfloat16, sizes, proj_size=2)
+
+
+def _raised_or_dtypes(function):
+    try:
+        return tuple(t.dtype for t in function())
+    except Exception as error:  # noqa: BLE001 - the type is what is compared
+        return type(error)
+
+
+@pytest.mark.parametrize("backend", _backends_for("cpu"))
+@pytest.mark.parametrize("proj_size", [0, 2])
+@pytest.mark.parametrize("x_dtype,hx_dtype", [
+    (torch.float64, None), (torch.float64, torch.float64), (torch.float32, torch.float64),
+    (torch.float64, torch.bfloat16)])
+def test_lstm_autocast_leaves_float64_alone(backend, proj_size, x_dtype, hx_dtype):
+    """Autocast never casts float64: an all-float64 nn.LSTM runs in float64, and float64 mixed
+    with cast tensors is an error."""
+    reference = nn.LSTM(3, 4, proj_size=proj_size, dtype=torch.float64)
+    fast = fastlstm.LSTM(3, 4, proj_size=proj_size, dtype=torch.float64, backend=backend)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 2, 3, dtype=x_dtype)
+    hx = None if hx_dtype is None else (torch.randn(1, 2, proj_size or 4, dtype=hx_dtype),
+                                        torch.randn(1, 2, 4, dtype=hx_dtype))
+
+    def call(module):
+        out, (h, c) = module(x, hx)
+        return out, h, c
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _raised_or_dtypes(lambda: call(reference))
+        assert _raised_or_dtypes(lambda: call(fast)) == expected
+        if expected == (torch.float64,) * 3:
+            for a, b in zip(call(fast), call(reference)):
+                assert (a - b).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("backend", _backends_for("cpu"))
+@pytest.mark.parametrize("x_dtype,module_dtype,h_dtype,c_dtype", [
+    (torch.float64, torch.float64, torch.float64, torch.float32),
+    (torch.float64, torch.float64, torch.float64, torch.bfloat16),
+    (torch.float32, torch.float64, torch.float64, torch.float64),
+    (torch.float64, torch.float32, torch.float64, torch.float64),
+    (torch.float32, torch.float32, torch.float64, torch.float32)])
+def test_cell_autocast_leaves_float64_alone(backend, x_dtype, module_dtype, h_dtype, c_dtype):
+    reference = nn.LSTMCell(3, 4, dtype=module_dtype)
+    fast = fastlstm.LSTMCell(3, 4, dtype=module_dtype, backend=backend)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, dtype=x_dtype)
+    hx = (torch.randn(2, 4, dtype=h_dtype), torch.randn(2, 4, dtype=c_dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _raised_or_dtypes(lambda: reference(x, hx))
+        assert _raised_or_dtypes(lambda: fast(x, hx)) == expected
+        if expected == (torch.float64,) * 2:
+            for a, b in zip(fast(x, hx), reference(x, hx)):
+                assert (a - b).abs().max().item() < 1e-10
 
 
 def _cell_hx(kind, batch, hidden):

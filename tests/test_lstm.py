@@ -177,6 +177,81 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(packed_function, (data, h0, c0))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module_kind", ["lstm", "cell"])
+def test_double_backward_is_exact_or_an_error(backend, module_kind):
+    """Second derivatives equal nn.LSTM's (torch backend) or raise; never silently wrong."""
+    if not fastlstm._backends.supports_dtype(backend, "cpu", torch.float64):
+        pytest.skip(f"{backend} does not run float64 on the CPU")
+    if module_kind == "lstm":
+        ours, theirs = matched_lstm(backend, torch.float64, input_size=2, hidden_size=3)
+        x = torch.randn(2, 1, 2, dtype=torch.float64, requires_grad=True)
+    else:
+        ours = fastlstm.LSTMCell(2, 3, backend=backend, dtype=torch.float64)
+        theirs = nn.LSTMCell(2, 3, dtype=torch.float64)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+
+    def first_grad(module):
+        output = module(x)[0]
+        return torch.autograd.grad(output.pow(2).sum(), x, create_graph=True)[0]
+
+    expected = torch.autograd.grad(first_grad(theirs).pow(2).sum(), x)[0]
+    grad_x = first_grad(ours)  # create_graph=True alone is fine on every backend
+    assert_close("first derivative", grad_x.detach(), first_grad(theirs).detach(),
+                 TOLERANCES[torch.float64][1])
+    if backend == "torch":
+        assert_close("second derivative", torch.autograd.grad(grad_x.pow(2).sum(), x)[0],
+                     expected, TOLERANCES[torch.float64][1])
+    else:
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(grad_x.pow(2).sum(), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["dense", "batch_first", "cell"])
+def test_batch_zero_forward_and_backward(backend, kind):
+    """Batch 0 gives empty outputs and zero gradients for every parameter, as in nn.LSTM."""
+    if kind == "cell":
+        ours = fastlstm.LSTMCell(3, 5, backend=backend)
+        theirs = nn.LSTMCell(3, 5)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.zeros(0, 3)
+    else:
+        ours, theirs = matched_lstm(backend, input_size=3, hidden_size=5, num_layers=2,
+                                    bidirectional=True, proj_size=2,
+                                    batch_first=kind == "batch_first")
+        x = torch.zeros(0, 4, 3) if kind == "batch_first" else torch.zeros(4, 0, 3)
+    results = []
+    for module in (ours, theirs):
+        inputs = x.clone().requires_grad_()
+        output = module(inputs)
+        tensors = [output[0], *output[1]] if kind != "cell" else list(output)
+        sum(t.sum() for t in tensors).backward()
+        results.append(([t.shape for t in tensors], inputs.grad,
+                        [p.grad for p in module.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert results[0][1].shape == results[1][1].shape
+    for (name, _), a, e in zip(ours.named_parameters(), results[0][2], results[1][2]):
+        assert a is not None, f"grad {name} is None"
+        assert_close(f"grad {name}", a, e, 0.0)
+
+
+def test_meta_device_gives_nn_lstm_shapes():
+    """Modules built on the meta device (deferred initialization) run as nn.LSTM's do there."""
+    for kwargs in (dict(), dict(bidirectional=True, proj_size=2, batch_first=True)):
+        ours = fastlstm.LSTM(3, 5, num_layers=2, device="meta", **kwargs)
+        theirs = nn.LSTM(3, 5, num_layers=2, device="meta", **kwargs)
+        for x in (torch.empty(4, 2, 3, device="meta"), torch.empty(4, 3, device="meta")):
+            got, expected = ours(x), theirs(x)
+            assert [t.shape for t in (got[0], *got[1])] == [
+                t.shape for t in (expected[0], *expected[1])]
+            assert got[0].device.type == "meta"
+    cell, reference = fastlstm.LSTMCell(3, 5, device="meta"), nn.LSTMCell(3, 5, device="meta")
+    x = torch.empty(2, 3, device="meta")
+    assert [t.shape for t in cell(x)] == [t.shape for t in reference(x)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Dropout between layers
 # ----------------------------------------------------------------------------------------------
@@ -363,6 +438,11 @@ def _forward_error_cases():
         "input dtype differs": (lambda: torch.randn(4, 2, 3, dtype=torch.float64), None),
         "hx wrong layers": (lambda: torch.randn(4, 2, 3),
                             lambda: (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))),
+        "hx one stacked tensor": (lambda: torch.randn(4, 2, 3), lambda: torch.zeros(2, 2, 2, 5)),
+        "hx three tensors": (lambda: torch.randn(4, 2, 3),
+                             lambda: (torch.zeros(2, 2, 5),) * 3),
+        "hx one tensor in a tuple": (lambda: torch.randn(4, 2, 3),
+                                     lambda: (torch.zeros(2, 2, 5),)),
     }
 
 
@@ -381,7 +461,8 @@ def test_forward_errors_match(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["3-D input", "wrong input_size", "hx wrong batch", "hx 3-D"])
+@pytest.mark.parametrize("case", ["3-D input", "wrong input_size", "hx wrong batch", "hx 3-D",
+                                  "hx one stacked tensor", "hx one tensor", "hx three tensors"])
 def test_cell_errors_match(backend, case):
     ours, theirs = fastlstm.LSTMCell(3, 5, backend=backend), nn.LSTMCell(3, 5)
     x, hx = {
@@ -389,6 +470,9 @@ def test_cell_errors_match(backend, case):
         "wrong input_size": (torch.randn(2, 4), None),
         "hx wrong batch": (torch.randn(2, 3), (torch.zeros(3, 5), torch.zeros(3, 5))),
         "hx 3-D": (torch.randn(2, 3), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))),
+        "hx one stacked tensor": (torch.randn(2, 3), torch.zeros(2, 2, 5)),
+        "hx one tensor": (torch.randn(2, 3), (torch.zeros(2, 5),)),
+        "hx three tensors": (torch.randn(2, 3), (torch.zeros(2, 5),) * 3),
     }[case]
     expected = _raised(lambda: theirs(x, hx))
     assert expected is not None

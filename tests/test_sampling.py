@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -186,8 +187,14 @@ def test_bad_input(backend):
         call(temperature=torch.tensor([1.0, -1.0, 1.0]))
     with pytest.raises(ValueError, match=r"temperature: expected a float or a tensor of shape \(3,\)"):
         call(temperature=torch.ones(4))
-    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
-        call(top_k=-1)
+    for top_k in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+            call(top_k=top_k)
+    for temperature in ("1", None, [1.0, 1.0, 1.0]):
+        with pytest.raises(TypeError, match="temperature must be a float or a tensor"):
+            call(temperature=temperature)
+    with pytest.raises(TypeError, match="top_p must be a float"):
+        call(top_p=None)
     for top_p in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
             call(top_p=top_p)
@@ -195,6 +202,14 @@ def test_bad_input(backend):
         call(torch.randint(0, 5, (3, 10)))
     with pytest.raises(ValueError, match="vocab > 0"):
         call(torch.randn(3, 0))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_numpy_scalar_arguments(backend):
+    logits = torch.randn(3, 10)
+    tokens = fastlstm.sample(logits, np.float32(0.0), top_k=np.int64(3), top_p=np.float64(0.9),
+                             backend=backend)
+    assert torch.equal(tokens, logits.argmax(-1))
 
 
 def test_kernel_backends_reject_float64():
