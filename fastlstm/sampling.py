@@ -70,7 +70,7 @@ def _resolve(backend: str, device: torch.device) -> str:
     return name
 
 
-def _check_scalars(logits, temperature, top_k, top_p):
+def _check_scalars(logits, temperature, top_k, top_p, generator=None):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"fastlstm.sample: logits must be a tensor; got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES and logits.dtype != torch.float64:
@@ -87,6 +87,9 @@ def _check_scalars(logits, temperature, top_k, top_p):
         if not temperature.is_floating_point():
             raise ValueError(f"fastlstm.sample: temperature must be floating point; got "
                              f"{temperature.dtype}")
+        if temperature.device != logits.device:
+            raise RuntimeError(f"fastlstm.sample: temperature is on {temperature.device} but "
+                               f"logits on {logits.device}; put them on one device")
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"fastlstm.sample: temperature must be a float or a tensor of shape "
                         f"{tuple(logits.shape[:-1])} (one per row); got "
@@ -100,6 +103,17 @@ def _check_scalars(logits, temperature, top_k, top_p):
                         f"{type(top_p).__name__}")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"fastlstm.sample: top_p must be in (0, 1] (1 = off); got {top_p!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"fastlstm.sample: generator must be a torch.Generator or None; got "
+                            f"{type(generator).__name__}")
+        where = generator.device
+        if where.type != logits.device.type or (
+                where.index is not None and logits.device.index is not None
+                and where.index != logits.device.index):
+            # torch.multinomial's error type for a generator on another device
+            raise RuntimeError(f"fastlstm.sample: generator is on {where} but logits on "
+                               f"{logits.device}; use a generator of the logits' device")
 
 
 def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: float = 1.0,
@@ -120,7 +134,7 @@ def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: floa
     Returns:
         int64 token ids of shape [...], on the logits' device.
     """
-    _check_scalars(logits, temperature, top_k, top_p)
+    _check_scalars(logits, temperature, top_k, top_p, generator)
     top_k = int(top_k)
     name = _resolve(backend, logits.device)
     if logits.dtype == torch.float64 and name != "torch":
@@ -181,7 +195,7 @@ def _row_reason(values: torch.Tensor) -> str:
 def sample_reference(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: float = 1.0,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """The torch backend: the distribution written out with torch ops, in float64."""
-    _check_scalars(logits, temperature, top_k, top_p)
+    _check_scalars(logits, temperature, top_k, top_p, generator)
     top_k = int(top_k)
     batch_shape = logits.shape[:-1]
     vocab = logits.shape[-1]

@@ -202,6 +202,10 @@ def test_bad_input(backend):
         call(torch.randint(0, 5, (3, 10)))
     with pytest.raises(ValueError, match="vocab > 0"):
         call(torch.randn(3, 0))
+    with pytest.raises(RuntimeError, match="temperature is on meta but logits on cpu"):
+        call(temperature=torch.ones(3, device="meta"))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        call(generator=0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -372,6 +376,10 @@ def test_cuda_generator_and_errors(backend):
         sampling.check_tokens(tokens, bad)
     with pytest.raises(ValueError, match="row 3 contains NaN"):
         fastlstm.sample(bad, 1.0, backend=backend, check=True)
+    with pytest.raises(RuntimeError, match="generator is on cpu but logits on cuda"):
+        fastlstm.sample(logits, 1.0, generator=torch.Generator(), backend=backend)
+    with pytest.raises(RuntimeError, match="temperature is on cpu but logits on cuda"):
+        fastlstm.sample(logits, torch.ones(8), backend=backend)
 
 
 @pytest.mark.cuda
