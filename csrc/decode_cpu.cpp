@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -41,9 +42,9 @@ namespace fastlstm {
 namespace {
 
 // The step runs in one parallel region for all of its tokens: each of `parts` threads owns a
-// slice of every layer's hidden units and of the head's rows, and a spin barrier after each
-// layer, after the head and after the draw replaces a fork and join per layer (a few
-// microseconds each, a tenth of a small model's step). A part covers at least 64K weights
+// slice of every layer's hidden units, of the head's rows and of the batch rows to draw, and a
+// spin barrier after each layer, after the head and after the draw replaces a fork and join per
+// layer (a few microseconds each, a tenth of a small model's step). A part covers at least 64K weights
 // (256 KB of float32) of the step, so a small model still splits over the cores: at batch 1 the
 // step is bound by how fast the weights stream in, which every core adds to. (65, 64, 256, 2):
 // 174-195 us a token on one thread against 88-97 us on two (2-core Xeon, `python -m
@@ -219,10 +220,16 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
       1, std::min<int64_t>(at::get_num_threads(), step_weights * batch / kMinWeightsPerPart));
 
   cpu::PartBarrier barrier(parts);
-  std::exception_ptr failure;  // written by part 0 before a barrier, read by all after it
-  bool failed = false;
+  // The draw of each step: part k samples the batch rows of slice k, keyed by their row in the
+  // batch (sample_cpu's first_row), so the tokens do not depend on the split. An error (NaN
+  // logits) is kept by its part and raised after the region, the lowest part's first.
+  std::vector<std::exception_ptr> failures(parts);
+  std::atomic<bool> failed{false};
+  uint64_t seed = 0;  // the step's seed: drawn by part 0 before the barrier that ends the head
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     const int64_t weight = part_end - part_begin;
+    const int64_t row_begin = slice_begin(part_begin, batch, parts);
+    const int64_t row_end = slice_begin(part_end, batch, parts);
     std::vector<const float*> x_rows(batch);
     for (int64_t step = 0; step < num_steps; ++step) {
       const float* h_prev = h_buffers + (step % 2) * h_half;
@@ -245,34 +252,37 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
                   logits_data, batch, hidden, vocab, slice_begin(k, vocab, parts),
                   slice_begin(k + 1, vocab, parts));
       }
-      barrier.arrive_and_wait(weight);
       if (part_begin == 0) {
+        std::lock_guard<std::mutex> lock(cpu_generator->mutex_);
+        seed = cpu_generator->random64();
+      }
+      barrier.arrive_and_wait(weight);
+      if (row_end > row_begin) {
         try {
-          uint64_t seed;
-          {
-            std::lock_guard<std::mutex> lock(cpu_generator->mutex_);
-            seed = cpu_generator->random64();
-          }
+          const int64_t rows = row_end - row_begin;
           const at::Tensor drawn =
-              sample_cpu(logits, temperatures, top_k, top_p, static_cast<int64_t>(seed), 0);
+              sample_cpu(logits.narrow(0, row_begin, rows), temperatures.narrow(0, row_begin, rows),
+                         top_k, top_p, static_cast<int64_t>(seed), 0, row_begin);
           const int64_t* drawn_data = drawn.data_ptr<int64_t>();
-          for (int64_t b = 0; b < batch; ++b) {
-            TORCH_CHECK(drawn_data[b] >= 0 && drawn_data[b] < vocab_in,
-                        "decode_cpu: drew token ", drawn_data[b], " but the embedding has only ",
-                        vocab_in, " rows");
-            current[b] = drawn_data[b];
-            tokens_data[b * num_steps + step] = drawn_data[b];
+          for (int64_t b = row_begin; b < row_end; ++b) {
+            const int64_t token_b = drawn_data[b - row_begin];
+            TORCH_CHECK(token_b >= 0 && token_b < vocab_in, "decode_cpu: drew token ", token_b,
+                        " but the embedding has only ", vocab_in, " rows");
+            current[b] = token_b;
+            tokens_data[b * num_steps + step] = token_b;
           }
         } catch (...) {
-          failure = std::current_exception();
-          failed = true;
+          failures[part_begin] = std::current_exception();
+          failed.store(true, std::memory_order_relaxed);
         }
       }
       barrier.arrive_and_wait(weight);
-      if (failed) return;
+      if (failed.load(std::memory_order_relaxed)) return;
     }
   });
-  if (failure) std::rethrow_exception(failure);
+  for (const std::exception_ptr& failure : failures) {
+    if (failure) std::rethrow_exception(failure);
+  }
   h.copy_(h_halves[num_steps % 2]);
   return tokens;
 }

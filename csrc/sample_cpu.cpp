@@ -627,7 +627,8 @@ float* stats_workspace(int64_t floats) {
 // do not depend on the thread count.
 template <typename scalar_t>
 void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_t top_k,
-                 double top_p, uint64_t seed, uint64_t offset, int64_t* tokens) {
+                 double top_p, uint64_t seed, uint64_t offset, uint64_t first_row,
+                 int64_t* tokens) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const scalar_t* data = logits.data_ptr<scalar_t>();
   const float* temperatures = temperature.data_ptr<float>();
@@ -650,7 +651,7 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_
       } else if (t == 0.f) {
         result = greedy_row(row, vocab);
       } else {
-        const double u = row_uniform(seed, offset, static_cast<uint64_t>(r));
+        const double u = row_uniform(seed, offset, first_row + static_cast<uint64_t>(r));
         result = filtered
                      ? filtered_row(row, vocab, 1.f / t, top_k, top_p, u, values, work)
                      : plain_row_pick(row, vocab, 1.f / t, u, maxima + r * blocks, sums + r * blocks);
@@ -680,7 +681,7 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_
 }  // namespace
 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, int64_t top_k,
-                      double top_p, int64_t seed, int64_t offset) {
+                      double top_p, int64_t seed, int64_t offset, int64_t first_row) {
   sampling::check_arguments(logits, temperature, top_k, top_p);
   TORCH_CHECK_VALUE(logits.device().is_cpu(), "fastlstm.sample_cpu: logits must be on the CPU; got ",
                     logits.device());
@@ -690,25 +691,26 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, i
   int64_t* out = tokens.data_ptr<int64_t>();
   // check_arguments admits exactly these three dtypes.
   const uint64_t useed = static_cast<uint64_t>(seed), uoffset = static_cast<uint64_t>(offset);
+  const uint64_t ufirst = static_cast<uint64_t>(first_row);
   switch (logits.scalar_type()) {
     case at::kFloat:
-      sample_rows<float>(logits, temperature, top_k, top_p, useed, uoffset, out);
+      sample_rows<float>(logits, temperature, top_k, top_p, useed, uoffset, ufirst, out);
       break;
     case at::kHalf:
-      sample_rows<at::Half>(logits, temperature, top_k, top_p, useed, uoffset, out);
+      sample_rows<at::Half>(logits, temperature, top_k, top_p, useed, uoffset, ufirst, out);
       break;
     default:
-      sample_rows<at::BFloat16>(logits, temperature, top_k, top_p, useed, uoffset, out);
+      sample_rows<at::BFloat16>(logits, temperature, top_k, top_p, useed, uoffset, ufirst, out);
       break;
   }
   for (int64_t bad = 0; bad < rows; ++bad) {
     if (out[bad] >= 0) continue;
     const int32_t code = static_cast<int32_t>(-out[bad]);
     if (code == sampling::kRowBadTemperature) {
-      TORCH_CHECK_VALUE(false, "fastlstm.sample: temperature must be finite and >= 0; row ", bad,
-                        " has ", temperature.data_ptr<float>()[bad]);
+      TORCH_CHECK_VALUE(false, "fastlstm.sample: temperature must be finite and >= 0; row ",
+                        first_row + bad, " has ", temperature.data_ptr<float>()[bad]);
     }
-    TORCH_CHECK_VALUE(false, "fastlstm.sample: logits row ", bad, " ",
+    TORCH_CHECK_VALUE(false, "fastlstm.sample: logits row ", first_row + bad, " ",
                       sampling::row_error_message(code));
   }
   return tokens;

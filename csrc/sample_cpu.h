@@ -16,10 +16,13 @@
 namespace fastlstm {
 
 // logits [rows, V] float/half/bfloat16, contiguous; temperature [rows] float32 (0 = greedy);
-// top_k 0 = off; top_p 1.0 = off; (seed, offset) select the random stream.
+// top_k 0 = off; top_p 1.0 = off; (seed, offset) select the random stream. The rows are rows
+// first_row, first_row + 1, ... of a larger batch: row r draws the numbers of row first_row + r,
+// so a batch sampled in slices gives the tokens of one call over all of it.
 // Returns int64 [rows]. Checks its arguments and throws c10::Error on bad input.
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature,
-                      int64_t top_k, double top_p, int64_t seed, int64_t offset);
+                      int64_t top_k, double top_p, int64_t seed, int64_t offset,
+                      int64_t first_row = 0);
 
 namespace sampling {
 

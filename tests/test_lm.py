@@ -372,8 +372,8 @@ def test_cpu_op_split_over_threads_matches_reference(threads):
 
 
 def test_cpu_op_error_in_split_draw_raises():
-    """An error in the draw (NaN logits) while the op runs on several threads is raised, not a
-    hang or a token."""
+    """An error in the draw (NaN logits) while the op runs on several threads, each drawing its
+    rows, is raised (the first row's), not a hang or a token."""
     if _cpu_op() is None:
         pytest.skip("fastlstm._C with decode_cpu is not built here")
     model = _model(vocab=97, embed=20, hidden=100, layers=2)
@@ -382,7 +382,7 @@ def test_cpu_op_error_in_split_draw_raises():
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with pytest.raises(ValueError, match="NaN"):
+        with pytest.raises(ValueError, match="logits row 0 contains NaN"):
             Decoder(model, torch.zeros(2, 3, dtype=torch.long), 1.0, mode="cpu_op").next(5)
     finally:
         torch.set_num_threads(previous)
