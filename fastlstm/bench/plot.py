@@ -14,20 +14,12 @@ def _pyplot():
     return plt
 
 
-def _where(record) -> str:
-    machine = record["machine"]
-    return machine.get("gpu_name") or machine.get("cpu_model") or "?"
-
-
 def _panels(records, suite):
     """ok records of a suite grouped into panels: (machine, device, dtype, backend)."""
-    panels: dict = {}
-    for record in records:
-        if record["suite"] == suite and record["status"] == "ok":
-            key = (_where(record), record["device"], record["dtype"], record["baseline_dtype"],
-                   record["backend_ran"] or record["backend"])
-            panels.setdefault(key, []).append(record)
-    return panels
+    return records_module.group_by(
+        [r for r in records if r["suite"] == suite and r["status"] == "ok"],
+        lambda r: (records_module.machine_name(r), r["device"], r["dtype"], r["baseline_dtype"],
+                   r["backend_ran"] or r["backend"]))
 
 
 def _panel_title(key) -> str:

@@ -206,6 +206,24 @@ def load(paths) -> list[dict]:
     return records
 
 
+def machine_name(record: dict, cores: bool = False) -> str:
+    """The machine a record ran on: its GPU's name, else its CPU model (with the core count)."""
+    machine = record["machine"]
+    if machine.get("gpu_name"):
+        return machine["gpu_name"]
+    if cores:
+        return f"{machine.get('cpu_model')}, {machine.get('cpu_cores')} cores"
+    return machine.get("cpu_model") or "?"
+
+
+def group_by(records: list[dict], key) -> dict:
+    """Records grouped by key(record), in order of first appearance."""
+    groups: dict = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
+
+
 def latest(records: list[dict]) -> list[dict]:
     """For each comparison (suite, device, dtypes, shape, backend, baseline, machine), the record
     of the latest run: what tables and plots show."""
@@ -213,6 +231,6 @@ def latest(records: list[dict]) -> list[dict]:
     for record in sorted(records, key=lambda r: r["time"]):
         key = (record["suite"], record["device"], record["dtype"], record["baseline_dtype"],
                record["shape_label"], record["backend"], record["baseline"],
-               record["machine"].get("gpu_name") or record["machine"].get("cpu_model"))
+               machine_name(record))
         chosen[key] = record
     return list(chosen.values())

@@ -80,13 +80,9 @@ def rows(records: list[dict]) -> list[tuple]:
 
 def _groups(records):
     """Records grouped by what a table holds: one suite on one machine, device and dtype pair."""
-    groups: dict = {}
-    for record in records:
-        machine = record["machine"]
-        where = machine.get("gpu_name") or f"{machine.get('cpu_model')}, {machine.get('cpu_cores')} cores"
-        key = (record["suite"], record["device"], record["dtype"], record["baseline_dtype"], where)
-        groups.setdefault(key, []).append(record)
-    return groups
+    return records_module.group_by(
+        records, lambda r: (r["suite"], r["device"], r["dtype"], r["baseline_dtype"],
+                            records_module.machine_name(r, cores=True)))
 
 
 def _title(key) -> str:

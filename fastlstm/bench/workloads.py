@@ -80,17 +80,27 @@ def _lstm_pair(shape: LSTMShape, device, dtype, backend, baseline_dtype):
     return fused, baseline
 
 
-def train(shape: LSTMShape, device, dtype: torch.dtype, backend: str,
-          baseline_dtype: torch.dtype | None = None) -> Workload:
-    """Forward + backward of one sequence batch (input gradient included, as in a network whose
-    LSTM sits on an embedding), against nn.LSTM with the same weights."""
+def _lstm_workload(shape: LSTMShape, device, dtype, backend, baseline_dtype, *, training: bool,
+                   step, flops: float, graph_safe: bool = False) -> Workload:
+    """fastlstm.LSTM against nn.LSTM with the same weights, each timed by step(model, dtype)."""
     device = torch.device(device)
     baseline_dtype = baseline_dtype or dtype
     ran = resolve_backend(backend, device, dtype)
     fused, baseline = _lstm_pair(shape, device, dtype, backend, baseline_dtype)
-    fused.train()
-    baseline.train()
+    fused.train(training)
+    baseline.train(training)
+    return Workload(
+        fastlstm=step(fused, dtype),
+        baselines={f"nn.LSTM ({onednn_name(device)})": step(baseline, baseline_dtype)},
+        backend_ran=ran,
+        work={"tokens": shape.tokens, "flops": flops},
+        graph_safe=graph_safe)
 
+
+def train(shape: LSTMShape, device, dtype: torch.dtype, backend: str,
+          baseline_dtype: torch.dtype | None = None) -> Workload:
+    """Forward + backward of one sequence batch (input gradient included, as in a network whose
+    LSTM sits on an embedding), against nn.LSTM with the same weights."""
     def step(model, model_dtype):
         inputs = torch.randn(shape.steps, shape.batch, shape.input_size, device=device,
                              dtype=model_dtype, requires_grad=True)
@@ -106,23 +116,13 @@ def train(shape: LSTMShape, device, dtype: torch.dtype, backend: str,
             output.backward(grad_output)
         return run
 
-    return Workload(
-        fastlstm=step(fused, dtype),
-        baselines={f"nn.LSTM ({onednn_name(device)})": step(baseline, baseline_dtype)},
-        backend_ran=ran,
-        work={"tokens": shape.tokens, "flops": shape.train_flops()})
+    return _lstm_workload(shape, device, dtype, backend, baseline_dtype, training=True,
+                          step=step, flops=shape.train_flops())
 
 
 def forward(shape: LSTMShape, device, dtype: torch.dtype, backend: str,
             baseline_dtype: torch.dtype | None = None) -> Workload:
     """Inference forward (no autograd graph) of one sequence batch against nn.LSTM."""
-    device = torch.device(device)
-    baseline_dtype = baseline_dtype or dtype
-    ran = resolve_backend(backend, device, dtype)
-    fused, baseline = _lstm_pair(shape, device, dtype, backend, baseline_dtype)
-    fused.eval()
-    baseline.eval()
-
     def step(model, model_dtype):
         inputs = torch.randn(shape.steps, shape.batch, shape.input_size, device=device,
                              dtype=model_dtype)
@@ -132,12 +132,8 @@ def forward(shape: LSTMShape, device, dtype: torch.dtype, backend: str,
                 return model(inputs)[0]
         return run
 
-    return Workload(
-        fastlstm=step(fused, dtype),
-        baselines={f"nn.LSTM ({onednn_name(device)})": step(baseline, baseline_dtype)},
-        backend_ran=ran,
-        work={"tokens": shape.tokens, "flops": shape.forward_flops()},
-        graph_safe=True)
+    return _lstm_workload(shape, device, dtype, backend, baseline_dtype, training=False,
+                          step=step, flops=shape.forward_flops(), graph_safe=True)
 
 
 def softmax_multinomial(logits: torch.Tensor, temperature: float) -> torch.Tensor:
