@@ -5,7 +5,8 @@
 // costs a dispatch, an allocation and (with oneDNN) a weight reorder, which dwarf the arithmetic.
 // Here every weight matrix is read once per step, straight from the parameters, in one pass per
 // layer: the four gate rows of a hidden unit are dotted with the input and the hidden state
-// together, and the unit's cell update (cell.h) follows at once while its gates are in registers.
+// together, and the cell update of each block of units (cell.h's math over SIMD lanes) follows
+// while the block's pre-activations are in L1.
 //
 // Schema (declared below):
 //   decode_cpu(Tensor token, Tensor(a!) h, Tensor(b!) c, Tensor embedding, Tensor[] w_ih,
@@ -33,8 +34,7 @@
 #include <optional>
 #include <vector>
 
-#include "cell.h"
-#include "dot_kernels.h"
+#include "decode_kernels.h"
 #include "part_barrier.h"
 #include "sample_cpu.h"
 
@@ -56,40 +56,65 @@ constexpr int64_t kMinWeightsPerPart = int64_t(1) << 16;
 // [begin, end) of part k of n items split into `parts` nearly equal slices.
 inline int64_t slice_begin(int64_t k, int64_t n, int64_t parts) { return n * k / parts; }
 
+// Units per block of the cell update: the pre-activations of a block's units are gathered, then
+// the cell math (cell.h's, over SIMD lanes) runs on the whole block at once. Done unit by unit in
+// scalar code, its exp/tanh calls took a fifth of a small model's step.
+constexpr int64_t kCellBlock = 32;
+
 // Part k's hidden units [u0, u1) of one layer's cell step for every batch row. x_rows[b] is row
 // b's input (in_size floats), h_prev [B, H], c [B, H] updated in place, h_next [B, H] written.
-void layer_units(const cpu::DotKernels& dots, const float* w_ih, const float* w_hh,
+// scratch holds 8 * kCellBlock * batch floats.
+void layer_units(const cpu::DecodeKernels& kernels, const float* w_ih, const float* w_hh,
                  const float* bias, const float* const* x_rows, int64_t in_size,
                  const float* h_prev, float* c, float* h_next, int64_t batch, int64_t hidden,
-                 int64_t u0, int64_t u1) {
-  for (int64_t unit = u0; unit < u1; ++unit) {
-    const float* ih[4];
-    const float* hh[4];
-    for (int gate = 0; gate < 4; ++gate) {
-      ih[gate] = w_ih + (gate * hidden + unit) * in_size;
-      hh[gate] = w_hh + (gate * hidden + unit) * hidden;
+                 int64_t u0, int64_t u1, float* scratch) {
+  // Row b's pre-activations of the block: from the input (with the bias) at
+  // scratch[b * 8 * n + gate * n + i], from h_prev 4 * n floats after.
+  for (int64_t block = u0; block < u1; block += kCellBlock) {
+    const int64_t n = std::min(kCellBlock, u1 - block);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t unit = block + i;
+      const float* ih[4];
+      const float* hh[4];
+      for (int gate = 0; gate < 4; ++gate) {
+        ih[gate] = w_ih + (gate * hidden + unit) * in_size;
+        hh[gate] = w_hh + (gate * hidden + unit) * hidden;
+      }
+      for (int64_t b = 0; b < batch; ++b) {
+        float from_input[4], from_hidden[4];
+        kernels.dot4(ih[0], ih[1], ih[2], ih[3], x_rows[b], in_size, from_input);
+        kernels.dot4(hh[0], hh[1], hh[2], hh[3], h_prev + b * hidden, hidden, from_hidden);
+        float* row = scratch + b * 8 * n;
+        for (int gate = 0; gate < 4; ++gate) {
+          row[gate * n + i] = from_input[gate] + bias[gate * hidden + unit];
+          row[4 * n + gate * n + i] = from_hidden[gate];
+        }
+      }
     }
     for (int64_t b = 0; b < batch; ++b) {
-      float from_input[4], from_hidden[4];
-      dots.dot4(ih[0], ih[1], ih[2], ih[3], x_rows[b], in_size, from_input);
-      dots.dot4(hh[0], hh[1], hh[2], hh[3], h_prev + b * hidden, hidden, from_hidden);
-      float pre[4];
-      for (int gate = 0; gate < 4; ++gate) {
-        pre[gate] = from_input[gate] + from_hidden[gate] + bias[gate * hidden + unit];
-      }
-      GateValues<float> gates;
-      float c_new;
-      const float r = cell_forward<float>(pre[0], pre[1], pre[2], pre[3], c[b * hidden + unit],
-                                          gates, c_new);
-      c[b * hidden + unit] = c_new;
-      h_next[b * hidden + unit] = r;
+      const float* row = scratch + b * 8 * n;
+      cpu::ForwardStep<float> step{};
+      step.hidden = n;  // the block's gate stride in `row`
+      step.unit_begin = 0;
+      step.unit_end = n;
+      step.input_gates = row;
+      step.bias = nullptr;
+      step.gemm = row + 4 * n;
+      step.gemm_ld = 0;
+      step.gemm_gate = n;
+      step.gates = nullptr;
+      step.c = c + b * hidden + block;
+      step.cells = nullptr;
+      step.r = h_next + b * hidden + block;
+      step.r_stride = 0;
+      kernels.cell_rows(step, 0, 1);
     }
   }
 }
 
 // Rows [v0, v1) of logits [B, V] = h [B, H] @ head_weight^T + head_bias, four rows at a time,
 // one from each quarter of the range.
-void head_rows(const cpu::DotKernels& dots, const float* weight, const float* bias,
+void head_rows(const cpu::DecodeKernels& dots, const float* weight, const float* bias,
                const float* h, float* logits, int64_t batch, int64_t hidden, int64_t vocab,
                int64_t v0, int64_t v1) {
   const int64_t quarter = (v1 - v0) / 4;
@@ -191,7 +216,7 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
                 token_in[b], " is outside the embedding's [0, ", vocab_in, ")");
   }
 
-  const cpu::DotKernels& dots = cpu::dot_kernels();
+  const cpu::DecodeKernels& kernels = cpu::decode_kernels();
   const at::Tensor temperatures = at::full({batch}, temperature, h.options());
   auto* cpu_generator = at::get_generator_or_default<at::CPUGeneratorImpl>(
       generator, at::detail::getDefaultCPUGenerator());
@@ -231,6 +256,7 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
     const int64_t row_begin = slice_begin(part_begin, batch, parts);
     const int64_t row_end = slice_begin(part_end, batch, parts);
     std::vector<const float*> x_rows(batch);
+    std::vector<float> scratch(8 * kCellBlock * batch);
     for (int64_t step = 0; step < num_steps; ++step) {
       const float* h_prev = h_buffers + (step % 2) * h_half;
       float* h_next = h_buffers + ((step + 1) % 2) * h_half;
@@ -239,16 +265,17 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
       for (int64_t l = 0; l < layers; ++l) {
         float* h_out = h_next + l * batch * hidden;
         for (int64_t k = part_begin; k < part_end; ++k) {
-          layer_units(dots, w_ih_data[l], w_hh_data[l], bias_data[l], x_rows.data(), in_size,
-                      h_prev + l * batch * hidden, c_data + l * batch * hidden, h_out, batch,
-                      hidden, slice_begin(k, hidden, parts), slice_begin(k + 1, hidden, parts));
+          layer_units(kernels, w_ih_data[l], w_hh_data[l], bias_data[l], x_rows.data(),
+                      in_size, h_prev + l * batch * hidden, c_data + l * batch * hidden, h_out,
+                      batch, hidden, slice_begin(k, hidden, parts),
+                      slice_begin(k + 1, hidden, parts), scratch.data());
         }
         barrier.arrive_and_wait(weight);
         for (int64_t b = 0; b < batch; ++b) x_rows[b] = h_out + b * hidden;
         in_size = hidden;
       }
       for (int64_t k = part_begin; k < part_end; ++k) {
-        head_rows(dots, head_data, head_bias_data, h_next + (layers - 1) * batch * hidden,
+        head_rows(kernels, head_data, head_bias_data, h_next + (layers - 1) * batch * hidden,
                   logits_data, batch, hidden, vocab, slice_begin(k, vocab, parts),
                   slice_begin(k + 1, vocab, parts));
       }

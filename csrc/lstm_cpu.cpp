@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "cpu_buffers.h"
-#include "dot_kernels.h"
+#include "decode_kernels.h"
 #include "lstm_cpu_kernels.h"
 #include "part_barrier.h"
 
@@ -102,13 +102,18 @@ static void backward_rows(const BackwardStep<T>& step, int64_t begin, int64_t en
   backward_rows_baseline(step, begin, end);
 }
 
-const DotKernels& dot_kernels() {
-  static const DotKernels kernels = [] {
+const DecodeKernels& decode_kernels() {
+  using Cell = void (*)(const ForwardStep<float>&, int64_t, int64_t);
+  static const DecodeKernels kernels = [] {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (cpu_has_avx512()) return DotKernels{dot4_avx512, dot1_avx512};
-    if (cpu_has_avx2()) return DotKernels{dot4_avx2, dot1_avx2};
+    if (cpu_has_avx512()) {
+      return DecodeKernels{dot4_avx512, dot1_avx512, static_cast<Cell>(forward_rows_avx512)};
+    }
+    if (cpu_has_avx2()) {
+      return DecodeKernels{dot4_avx2, dot1_avx2, static_cast<Cell>(forward_rows_avx2)};
+    }
 #endif
-    return DotKernels{dot4_baseline, dot1_baseline};
+    return DecodeKernels{dot4_baseline, dot1_baseline, static_cast<Cell>(forward_rows_baseline)};
   }();
   return kernels;
 }

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "cell.h"
-#include "dot_kernels.h"
+#include "decode_kernels.h"
 
 namespace {
 
@@ -255,7 +255,7 @@ namespace {
 
 // Each instruction set's dot4 / dot1 against a double-precision sum, for lengths around every
 // vector width (the tails are masked loads) and rows that start off the vector alignment.
-void check_dot_kernels(const char* name, const fastlstm::cpu::DotKernels& dots) {
+void check_dot_kernels(const char* name, const fastlstm::cpu::DecodeKernels& dots) {
   const int64_t lengths[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 512};
   for (const int64_t n : lengths) {
     const at::Tensor rows = at::randn({4, n + 1}, at::kFloat);
@@ -280,20 +280,22 @@ void check_dot_kernels(const char* name, const fastlstm::cpu::DotKernels& dots) 
 }
 
 void test_dot_kernels() {
-  using fastlstm::cpu::DotKernels;
-  check_dot_kernels("baseline", DotKernels{fastlstm::cpu::dot4_baseline,
-                                           fastlstm::cpu::dot1_baseline});
+  using fastlstm::cpu::DecodeKernels;
+  check_dot_kernels("baseline", DecodeKernels{fastlstm::cpu::dot4_baseline,
+                                              fastlstm::cpu::dot1_baseline, nullptr});
 #if defined(__x86_64__) || defined(_M_X64)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    check_dot_kernels("avx2", DotKernels{fastlstm::cpu::dot4_avx2, fastlstm::cpu::dot1_avx2});
+    check_dot_kernels("avx2",
+                      DecodeKernels{fastlstm::cpu::dot4_avx2, fastlstm::cpu::dot1_avx2, nullptr});
   }
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
     check_dot_kernels("avx512",
-                      DotKernels{fastlstm::cpu::dot4_avx512, fastlstm::cpu::dot1_avx512});
+                      DecodeKernels{fastlstm::cpu::dot4_avx512, fastlstm::cpu::dot1_avx512,
+                                    nullptr});
   }
 #endif
-  check_dot_kernels("dispatched", fastlstm::cpu::dot_kernels());
+  check_dot_kernels("dispatched", fastlstm::cpu::decode_kernels());
 }
 
 }  // namespace

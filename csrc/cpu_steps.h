@@ -1,0 +1,48 @@
+// The arguments of the CPU step kernels (lstm_cpu_kernels.h): the pointers of one forward or
+// backward time step of a layer. Kept apart from the kernels so that callers of the dispatched
+// entry points (lstm_cpu.cpp, decode_cpu.cpp) need not include ATen's vector headers.
+#pragma once
+
+#include <cstdint>
+
+namespace fastlstm {
+namespace cpu {
+
+// Pointers of one forward step. Rows are the step's live batch rows b = 0..live-1; a call updates
+// the hidden units [unit_begin, unit_end) of the rows it is given.
+template <typename T>
+struct ForwardStep {
+  int64_t hidden;
+  int64_t unit_begin, unit_end;
+  const T* input_gates;  // [live, 4H]: x @ W_ih^T (+ b) of this step
+  const T* bias;         // [4H] added to every row's input gates, or nullptr
+  // h @ W_hh^T of this step: gate k (i, f, g, o) of unit u in row b is at
+  // gemm[b * gemm_ld + k * gemm_gate + (u - unit_begin)].
+  const T* gemm;
+  int64_t gemm_ld, gemm_gate;
+  T* gates;              // [live, 4H] activated i, f, g, o out, or nullptr (may alias gemm)
+  T* c;                  // [B, H] cell state, updated in place
+  T* cells;              // [live, H] copy of the new c, or nullptr
+  T* r;                  // [live, r_stride]: o * tanh(c)
+  int64_t r_stride;
+};
+
+// Pointers of one backward step; a call handles the units [unit_begin, unit_end).
+template <typename T>
+struct BackwardStep {
+  int64_t hidden;
+  int64_t unit_begin, unit_end;
+  const T* gates;       // [live, 4H] activated gates saved by the forward
+  const T* cells;       // [live, H] c after this step
+  const T* prev_cells;  // [prev_live, H] c after the previously visited step
+  int64_t prev_live;    // rows b >= prev_live start from c0
+  const T* c0;          // [B, H]
+  const T* dh;          // [live, dh_stride]: gradient reaching r (or h without projection)
+  int64_t dh_stride;
+  const T* grad_out;    // [live, dh_stride] added to dh, or nullptr
+  T* dc;                // [B, H] gradient reaching c, updated in place
+  T* grad_gates;        // [live, 4H] pre-activation gate gradients out
+};
+
+}  // namespace cpu
+}  // namespace fastlstm
