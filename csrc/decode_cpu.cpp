@@ -44,13 +44,13 @@ namespace {
 // The step runs in one parallel region for all of its tokens: each of `parts` threads owns a
 // slice of every layer's hidden units, of the head's rows and of the batch rows to draw, and a
 // spin barrier after each layer, after the head and after the draw replaces a fork and join per
-// layer (a few microseconds each, a tenth of a small model's step). A part covers at least 64K weights
-// (256 KB of float32) of the step, so a small model still splits over the cores: at batch 1 the
-// step is bound by how fast the weights stream in, which every core adds to. (65, 64, 256, 2):
-// 174-195 us a token on one thread against 88-97 us on two (2-core Xeon, `python -m
-// fastlstm.bench --suites decode`). On a machine whose cores are all busy a split costs instead
-// (the barrier waits for a descheduled thread): torch.set_num_threads(1) keeps the op on one
-// thread.
+// layer (a few microseconds each, a tenth of a small model's step). A part covers at least 64K
+// weights (256 KB of float32) of the step, so a small model still splits over the cores: at
+// batch 1 the step is bound by how fast the weights stream in, which every core adds to.
+// (65, 64, 256, 2): 142 us a token on one thread against 87 us on two (2-core Xeon, `python -m
+// fastlstm.bench --suites decode [--threads 1]`). On a machine whose cores are all busy a split
+// costs instead (the barrier waits for a descheduled thread): torch.set_num_threads(1) keeps the
+// op on one thread.
 constexpr int64_t kMinWeightsPerPart = int64_t(1) << 16;
 
 // [begin, end) of part k of n items split into `parts` nearly equal slices.
