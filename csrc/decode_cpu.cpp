@@ -14,7 +14,7 @@
 //              float temperature, int top_k, float top_p, Generator? generator,
 //              int num_steps) -> Tensor
 //   token [B] int64: the last token; h, c [L, B, H] float32, updated in place to the state after
-//   the last step; embedding [V, E]; w_ih[l] [4H, E or H]; w_hh[l] [4H, H]; bias[l] [4H]
+//   the last step (after an error in a draw, the state after that draw's step); embedding [V, E]; w_ih[l] [4H, E or H]; w_hh[l] [4H, H]; bias[l] [4H]
 //   (b_ih + b_hh); head_weight [V, H]; head_bias [V] or None; temperature >= 0 (0 = greedy).
 //   Every step draws with fastlstm::sample_cpu after taking one 64-bit seed from `generator`
 //   (the default CPU generator when None), exactly as the fastlstm::sample op does per call, so
@@ -249,7 +249,7 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
   // batch (sample_cpu's first_row), so the tokens do not depend on the split. An error (NaN
   // logits) is kept by its part and raised after the region, the lowest part's first.
   std::vector<std::exception_ptr> failures(parts);
-  std::atomic<bool> failed{false};
+  std::atomic<int64_t> failed_step{-1};  // the step whose draw failed
   uint64_t seed = 0;  // the step's seed: drawn by part 0 before the barrier that ends the head
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     const int64_t weight = part_end - part_begin;
@@ -300,17 +300,20 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
           }
         } catch (...) {
           failures[part_begin] = std::current_exception();
-          failed.store(true, std::memory_order_relaxed);
+          failed_step.store(step, std::memory_order_relaxed);
         }
       }
       barrier.arrive_and_wait(weight);
-      if (failed.load(std::memory_order_relaxed)) return;
+      if (failed_step.load(std::memory_order_relaxed) >= 0) return;
     }
   });
+  // h and c leave as the state after the last step whose cell update ran (all of them, or up to
+  // the one whose draw failed).
+  const int64_t stopped = failed_step.load();
+  h.copy_(h_halves[(stopped >= 0 ? stopped + 1 : num_steps) % 2]);
   for (const std::exception_ptr& failure : failures) {
     if (failure) std::rethrow_exception(failure);
   }
-  h.copy_(h_halves[num_steps % 2]);
   return tokens;
 }
 

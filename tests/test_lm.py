@@ -384,6 +384,16 @@ def test_cpu_op_error_in_split_draw_raises():
     try:
         with pytest.raises(ValueError, match="logits row 0 contains NaN"):
             Decoder(model, torch.zeros(2, 3, dtype=torch.long), 1.0, mode="cpu_op").next(5)
+        # h and c are left as the state after the failed draw's step: the head does not touch it,
+        # so a good head gives the same state after one step.
+        args = list(_decode_op_args(model, batch=2, steps=4))
+        h, c = args[1], args[2]
+        good = [args[0], h.clone(), c.clone()] + args[3:13] + [1]
+        good[8] = torch.zeros_like(args[8])  # a finite head bias
+        _cpu_op()(*good)
+        with pytest.raises(ValueError, match="NaN"):
+            _cpu_op()(*args)
+        assert torch.equal(h, good[1]) and torch.equal(c, good[2])
     finally:
         torch.set_num_threads(previous)
 
