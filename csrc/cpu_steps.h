@@ -1,6 +1,7 @@
-// The arguments of the CPU step kernels (lstm_cpu_kernels.h): the pointers of one forward or
-// backward time step of a layer. Kept apart from the kernels so that callers of the dispatched
-// entry points (lstm_cpu.cpp, decode_cpu.cpp) need not include ATen's vector headers.
+// The arguments of the CPU step kernels (lstm_cpu_kernels.h), the pointers of one forward or
+// backward time step of a layer, and the declarations of each instruction set's entry points.
+// Kept apart from the kernels so that their callers (lstm_cpu.cpp, decode_cpu.cpp, the C++
+// tests) need not include ATen's vector headers.
 #pragma once
 
 #include <cstdint>
@@ -43,6 +44,24 @@ struct BackwardStep {
   T* dc;                // [B, H] gradient reaching c, updated in place
   T* grad_gates;        // [live, 4H] pre-activation gate gradients out
 };
+
+// The entry points of one instruction set, named <name>_<suffix>: defined by
+// FASTLSTM_DEFINE_CPU_STEP_KERNELS(suffix) (lstm_cpu_kernels.h) in lstm_cpu.cpp (baseline),
+// lstm_cpu_avx2.cpp (AVX2 + FMA) and lstm_cpu_avx512.cpp (AVX-512).
+#define FASTLSTM_DECLARE_CPU_STEP_KERNELS(suffix)                                              \
+  void forward_rows_##suffix(const ForwardStep<float>& step, int64_t begin, int64_t end);      \
+  void forward_rows_##suffix(const ForwardStep<double>& step, int64_t begin, int64_t end);     \
+  void backward_rows_##suffix(const BackwardStep<float>& step, int64_t begin, int64_t end);    \
+  void backward_rows_##suffix(const BackwardStep<double>& step, int64_t begin, int64_t end);   \
+  void dot4_##suffix(const float* r0, const float* r1, const float* r2, const float* r3,       \
+                     const float* x, int64_t n, float* out);                                   \
+  float dot1_##suffix(const float* r, const float* x, int64_t n);
+
+FASTLSTM_DECLARE_CPU_STEP_KERNELS(baseline)
+#if defined(__x86_64__) || defined(_M_X64)
+FASTLSTM_DECLARE_CPU_STEP_KERNELS(avx2)
+FASTLSTM_DECLARE_CPU_STEP_KERNELS(avx512)
+#endif
 
 }  // namespace cpu
 }  // namespace fastlstm

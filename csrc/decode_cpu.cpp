@@ -114,7 +114,7 @@ void layer_units(const cpu::DecodeKernels& kernels, const float* w_ih, const flo
 
 // Rows [v0, v1) of logits [B, V] = h [B, H] @ head_weight^T + head_bias, four rows at a time,
 // one from each quarter of the range.
-void head_rows(const cpu::DecodeKernels& dots, const float* weight, const float* bias,
+void head_rows(const cpu::DecodeKernels& kernels, const float* weight, const float* bias,
                const float* h, float* logits, int64_t batch, int64_t hidden, int64_t vocab,
                int64_t v0, int64_t v1) {
   const int64_t quarter = (v1 - v0) / 4;
@@ -123,8 +123,9 @@ void head_rows(const cpu::DecodeKernels& dots, const float* weight, const float*
                              v0 + 3 * quarter + i};
     for (int64_t b = 0; b < batch; ++b) {
       float out[4];
-      dots.dot4(weight + rows[0] * hidden, weight + rows[1] * hidden, weight + rows[2] * hidden,
-                weight + rows[3] * hidden, h + b * hidden, hidden, out);
+      kernels.dot4(weight + rows[0] * hidden, weight + rows[1] * hidden,
+                   weight + rows[2] * hidden, weight + rows[3] * hidden, h + b * hidden, hidden,
+                   out);
       for (int j = 0; j < 4; ++j) {
         logits[b * vocab + rows[j]] = out[j] + (bias ? bias[rows[j]] : 0.f);
       }
@@ -133,7 +134,7 @@ void head_rows(const cpu::DecodeKernels& dots, const float* weight, const float*
   for (int64_t v = v0 + 4 * quarter; v < v1; ++v) {  // the last (v1 - v0) % 4 rows
     for (int64_t b = 0; b < batch; ++b) {
       logits[b * vocab + v] =
-          dots.dot1(weight + v * hidden, h + b * hidden, hidden) + (bias ? bias[v] : 0.f);
+          kernels.dot1(weight + v * hidden, h + b * hidden, hidden) + (bias ? bias[v] : 0.f);
     }
   }
 }

@@ -51,24 +51,6 @@ namespace fastlstm {
 namespace cpu {
 
 #if defined(__x86_64__) || defined(_M_X64)
-// Defined in lstm_cpu_avx2.cpp, compiled for AVX2 + FMA.
-void forward_rows_avx2(const ForwardStep<float>& step, int64_t begin, int64_t end);
-void forward_rows_avx2(const ForwardStep<double>& step, int64_t begin, int64_t end);
-void backward_rows_avx2(const BackwardStep<float>& step, int64_t begin, int64_t end);
-void backward_rows_avx2(const BackwardStep<double>& step, int64_t begin, int64_t end);
-void dot4_avx2(const float* r0, const float* r1, const float* r2, const float* r3,
-               const float* x, int64_t n, float* out);
-float dot1_avx2(const float* r, const float* x, int64_t n);
-
-// Defined in lstm_cpu_avx512.cpp.
-void forward_rows_avx512(const ForwardStep<float>& step, int64_t begin, int64_t end);
-void forward_rows_avx512(const ForwardStep<double>& step, int64_t begin, int64_t end);
-void backward_rows_avx512(const BackwardStep<float>& step, int64_t begin, int64_t end);
-void backward_rows_avx512(const BackwardStep<double>& step, int64_t begin, int64_t end);
-void dot4_avx512(const float* r0, const float* r1, const float* r2, const float* r3,
-                 const float* x, int64_t n, float* out);
-float dot1_avx512(const float* r, const float* x, int64_t n);
-
 static bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;

@@ -232,27 +232,6 @@ void test_bad_argument_is_reported() {
   expect(raised, "a wrong xg shape raises an error naming xg and its expected shape");
 }
 
-}  // namespace
-
-namespace fastlstm {
-namespace cpu {
-// The dot kernels of each instruction set (lstm_cpu.cpp, lstm_cpu_avx2.cpp, lstm_cpu_avx512.cpp).
-void dot4_baseline(const float*, const float*, const float*, const float*, const float*, int64_t,
-                   float*);
-float dot1_baseline(const float*, const float*, int64_t);
-#if defined(__x86_64__) || defined(_M_X64)
-void dot4_avx2(const float*, const float*, const float*, const float*, const float*, int64_t,
-               float*);
-float dot1_avx2(const float*, const float*, int64_t);
-void dot4_avx512(const float*, const float*, const float*, const float*, const float*, int64_t,
-                 float*);
-float dot1_avx512(const float*, const float*, int64_t);
-#endif
-}  // namespace cpu
-}  // namespace fastlstm
-
-namespace {
-
 // Each instruction set's dot4 / dot1 against a double-precision sum, for lengths around every
 // vector width (the tails are masked loads) and rows that start off the vector alignment.
 void check_dot_kernels(const char* name, const fastlstm::cpu::DecodeKernels& dots) {
