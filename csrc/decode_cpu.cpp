@@ -14,8 +14,9 @@
 //              float temperature, int top_k, float top_p, Generator? generator,
 //              int num_steps) -> Tensor
 //   token [B] int64: the last token; h, c [L, B, H] float32, updated in place to the state after
-//   the last step (after an error in a draw, the state after that draw's step); embedding [V, E]; w_ih[l] [4H, E or H]; w_hh[l] [4H, H]; bias[l] [4H]
-//   (b_ih + b_hh); head_weight [V, H]; head_bias [V] or None; temperature >= 0 (0 = greedy).
+//   the last step (after an error in a draw, the state after that draw's step); embedding
+//   [V, E]; w_ih[l] [4H, E or H]; w_hh[l] [4H, H]; bias[l] [4H] (b_ih + b_hh); head_weight
+//   [V, H]; head_bias [V] or None; temperature >= 0 (0 = greedy).
 //   Every step draws with fastlstm::sample_cpu after taking one 64-bit seed from `generator`
 //   (the default CPU generator when None), exactly as the fastlstm::sample op does per call, so
 //   num_steps steps here give the tokens of num_steps Python steps with fastlstm.sample.
