@@ -57,6 +57,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -994,6 +996,37 @@ Requested requested_kernel() {
   return Requested::kAuto;
 }
 
+// Blocks of `kernel` that fit on one SM with `smem` bytes of dynamic shared memory. The kernel's
+// opt-in shared-memory limit is raised to the largest size asked for so far, and the occupancy is
+// remembered per (device, kernel, smem): after the first call of a shape, choosing the kernel makes
+// no driver call.
+int resident_blocks_per_sm(int device, const void* kernel, int smem) {
+  struct Key {
+    int device;
+    const void* kernel;
+    int smem;
+    bool operator<(const Key& other) const {
+      return std::tie(device, kernel, smem) < std::tie(other.device, other.kernel, other.smem);
+    }
+  };
+  static std::mutex mutex;
+  static std::map<Key, int> occupancy;                        // (device, kernel, smem) -> blocks
+  static std::map<std::pair<int, const void*>, int> opt_in;   // (device, kernel) -> smem limit set
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = occupancy.find(Key{device, kernel, smem});
+  if (found != occupancy.end()) return found->second;
+  int& limit = opt_in[{device, kernel}];
+  if (smem > limit) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    limit = smem;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                               static_cast<size_t>(smem)));
+  occupancy[Key{device, kernel, smem}] = per_sm;
+  return per_sm;
+}
+
 template <typename T, bool kTensorCores>
 const void* persistent_kernel_pointer(bool backward) {
   return backward ? reinterpret_cast<const void*>(&persistent_backward_kernel<T, kTensorCores>)
@@ -1043,11 +1076,7 @@ Choice plan_persistent(bool backward, int64_t batch, int64_t hidden, bool has_pr
   }
   const int blocks = static_cast<int>((hidden + units - 1) / units);
   const void* kernel = persistent_kernel_pointer<T, kTensorCores>(backward);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(layout.total)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
-                                                               static_cast<size_t>(layout.total)));
+  const int per_sm = resident_blocks_per_sm(device, kernel, static_cast<int>(layout.total));
   if (int64_t(per_sm) * sms < blocks) {
     choice.why_not_persistent = std::to_string(blocks) + " blocks cannot all be resident (" +
                                 std::to_string(per_sm) + " per SM x " + std::to_string(sms) +
@@ -1077,14 +1106,18 @@ Choice choose_kernel(bool backward, int64_t batch, int64_t hidden, bool has_proj
   return choice;
 }
 
+// The packed layout's step table (offsets, then live rows) on the device, for the persistent
+// kernel. Written into pinned memory and copied without blocking the host: the caching host
+// allocator records the copy on the current stream and keeps the pinned block until it is done.
 Tensor device_step_table(const Layout& layout, const Tensor& like) {
   if (layout.dense) return Tensor();
-  std::vector<int64_t> table(layout.offset);
-  table.insert(table.end(), layout.live.begin(), layout.live.end());
-  Tensor host = at::from_blob(table.data(), {static_cast<int64_t>(table.size())},
-                              at::TensorOptions().dtype(at::kLong))
-                    .clone();
-  return host.to(like.device(), /*non_blocking=*/false);
+  const int64_t steps = static_cast<int64_t>(layout.offset.size());
+  Tensor host = at::empty({steps + static_cast<int64_t>(layout.live.size())},
+                          at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* data = host.data_ptr<int64_t>();
+  std::copy(layout.offset.begin(), layout.offset.end(), data);
+  std::copy(layout.live.begin(), layout.live.end(), data + steps);
+  return host.to(like.device(), /*non_blocking=*/true);
 }
 
 template <typename T>
