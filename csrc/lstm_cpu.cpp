@@ -22,6 +22,7 @@
 #include "decode_kernels.h"
 #include "lstm_cpu_kernels.h"
 #include "part_barrier.h"
+#include "step_gemm.h"
 
 #if defined(__linux__)
 // The Fortran BLAS that libtorch_cpu exports when torch is built with MKL or OpenBLAS. Declared
@@ -176,15 +177,32 @@ class FixedRightGemm {
   FixedRightGemm(const FixedRightGemm&) = delete;
   FixedRightGemm& operator=(const FixedRightGemm&) = delete;
 
-  // Call from the thread that will run the products (MKL packs for that thread count).
+  // Call from the thread that will run the products (MKL packs for that thread count). With
+  // `own` (float32 only), B is packed for fastlstm's AVX-512 kernel instead (csrc/step_gemm.h),
+  // which then runs every product, whatever its row count.
   void prepare(const T* b, int64_t ldb, bool b_transposed, int64_t m, int64_t k, int64_t n,
-               bool pack) {
+               bool pack, bool own) {
     b_ = b;
     ldb_ = ldb;
     b_transposed_ = b_transposed;
     m_ = m;
     k_ = k;
     n_ = n;
+    if constexpr (std::is_same<T, float>::value) {
+      if (pack && own && k > 0 && n > 0) {
+        // As below: nothing may throw inside the parallel region.
+        try {
+          storage_ = cached_empty({step_gemm_packed_floats(k, n)}, at::TensorOptions(at::kFloat));
+          own_packed_ = storage_.data_ptr<float>();
+        } catch (...) {
+          own_packed_ = nullptr;
+        }
+        if (own_packed_ != nullptr) {
+          step_gemm_pack(b, ldb, b_transposed, k, n, own_packed_);
+          return;
+        }
+      }
+    }
 #ifdef FASTLSTM_DIRECT_BLAS
     if constexpr (std::is_same<T, float>::value) {
       if (pack && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
@@ -212,6 +230,12 @@ class FixedRightGemm {
 
   void run(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc) const {
     if (m == 0) return;
+    if constexpr (std::is_same<T, float>::value) {
+      if (own_packed_ != nullptr) {
+        step_gemm_avx512(m, n_, k_, a, lda, own_packed_, c, ldc);
+        return;
+      }
+    }
 #ifdef FASTLSTM_DIRECT_BLAS
     if constexpr (std::is_same<T, float>::value) {
       if (packed_ != nullptr && m == m_ && lda < INT_MAX && ldc < INT_MAX) {
@@ -234,8 +258,9 @@ class FixedRightGemm {
   int64_t ldb_ = 0;
   bool b_transposed_ = false;
   int64_t m_ = 0, k_ = 0, n_ = 0;
-  at::Tensor storage_;  // holds packed_
+  at::Tensor storage_;  // holds packed_ or own_packed_
   float* packed_ = nullptr;
+  float* own_packed_ = nullptr;
 };
 
 // ---- argument checks: every tensor is checked before any memory is touched ------------------
@@ -405,13 +430,15 @@ struct SplitPlan {
         offsets(step_offsets(sizes)),
         split(partition(hidden, batch, steps, element_size)),
         parts(split.parts()),
-        pack(steps >= kPackMinSteps) {}
+        pack(steps >= kPackMinSteps),
+        own(element_size == sizeof(float) && step_gemm_available() && avoid_blas()) {}
 
   const int64_t steps;
   const std::vector<int64_t> offsets;
   const Partition split;
   const int64_t parts;
   const bool pack;
+  const bool own;  // float32 steps on fastlstm's AVX-512 GEMM (csrc/step_gemm.h)
 };
 
 template <typename T>
@@ -454,9 +481,9 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
       const int64_t rows = split.row_end(k, batch) - split.row_begin(k, batch);
       if (by_unit_blocks) {
         products[k].prepare(packed_data + hidden * 4 * u0, 4 * n, false, rows, hidden, 4 * n,
-                            pack);
+                            pack, plan.own);
       } else {
-        products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack);
+        products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack, plan.own);
       }
     }
     for (int64_t s = 0; s < steps; ++s) {
@@ -563,7 +590,7 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
       const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
       products[k].prepare(packed_data + 4 * hidden * u0, n, false,
                           split.row_end(k, batch) - split.row_begin(k, batch), 4 * hidden, n,
-                          pack);
+                          pack, plan.own);
     }
     // Backward visits the steps in the opposite order of the forward.
     for (int64_t s = steps - 1; s >= 0; --s) {

@@ -18,8 +18,12 @@ if _C is None:
         "with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`), "
         "or use backend='torch'")
 
+from . import _cpu_gemm  # noqa: E402  (the ops it registers come with fastlstm._C)
+
+# On CPU tensors the weight gradients use the CPU backend's GEMMs (fastlstm/_cpu_gemm.py).
 _recurrence.register("fastlstm::recurrence_forward", torch.ops.fastlstm.recurrence_backward,
-                     backward_qualname="fastlstm::recurrence_backward")
+                     backward_qualname="fastlstm::recurrence_backward",
+                     mm=_cpu_gemm.mm, addmm=_cpu_gemm.addmm)
 
 recurrence_forward = torch.ops.fastlstm.recurrence_forward
 """recurrence_forward(xg [N, 4H], batch_sizes [T] int64 (empty: dense), h0 [B, P], c0 [B, H],

@@ -193,22 +193,24 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells)
 
 
-def _grad_w_hh(grad_xg, out, h0, batch_sizes, reverse):
+def _grad_w_hh(grad_xg, out, h0, batch_sizes, reverse, mm=torch.mm, addmm=torch.addmm):
     """dW_hh = grad_xg^T @ h_prev, summed over rows."""
     batch, num_rows = h0.shape[0], out.shape[0]
     if batch_sizes.numel() != 0 or batch == 0 or num_rows <= batch:
-        return grad_xg.t().mm(previous_hidden(out, h0, batch_sizes, reverse))
+        return mm(grad_xg.t(), previous_hidden(out, h0, batch_sizes, reverse))
     # Dense input: h_prev is `out` shifted by one step, with h0 at the first visited step. Two
     # GEMMs over views instead of materializing h_prev, a copy of `out` per layer.
     if reverse:
-        first = grad_xg[num_rows - batch:].t().mm(h0)
-        return torch.addmm(first, grad_xg[:num_rows - batch].t(), out[batch:])
-    first = grad_xg[:batch].t().mm(h0)
-    return torch.addmm(first, grad_xg[batch:].t(), out[:num_rows - batch])
+        first = mm(grad_xg[num_rows - batch:].t(), h0)
+        return addmm(first, grad_xg[:num_rows - batch].t(), out[batch:])
+    first = mm(grad_xg[:batch].t(), h0)
+    return addmm(first, grad_xg[batch:].t(), out[:num_rows - batch])
 
 
-def make_backward(backward_op):
-    """The autograd formula for recurrence_forward, given the backend's backward op."""
+def make_backward(backward_op, mm=None, addmm=None):
+    """The autograd formula for recurrence_forward, given the backend's backward op (and, for
+    CPU tensors, the GEMMs that compute the weight gradients: torch.mm / torch.addmm unless
+    given)."""
 
     def backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
         batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
@@ -221,12 +223,15 @@ def make_backward(backward_op):
         grad_xg, grad_h0, grad_c0, grad_h_total = backward_op(
             grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, ctx.reverse)
         grad_w_hh = grad_w_hr = None
+        on_cpu = grad_xg.device.type == "cpu"
+        mm_ = mm if on_cpu and mm is not None else torch.mm
+        addmm_ = addmm if on_cpu and addmm is not None else torch.addmm
         if ctx.needs_input_grad[4]:
-            grad_w_hh = _grad_w_hh(grad_xg, out, h0, batch_sizes, ctx.reverse)
+            grad_w_hh = _grad_w_hh(grad_xg, out, h0, batch_sizes, ctx.reverse, mm_, addmm_)
         if ctx.has_proj and ctx.needs_input_grad[5]:
             hidden = c0.shape[1]
             r = (gates[:, 3 * hidden:] * cells.tanh()).to(out.dtype)
-            grad_w_hr = grad_h_total.t().mm(r)
+            grad_w_hr = mm_(grad_h_total.t(), r)
         grads = (grad_xg, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None)
         if ctx.num_inputs == 9:  # the C++ op's optional bias (None when not passed)
             wanted = len(ctx.needs_input_grad) > 8 and ctx.needs_input_grad[8]
@@ -274,13 +279,13 @@ def make_double_backward_error(backward_qualname: str):
 
 
 def register(forward_qualname: str, backward_op, *, fake: bool = True,
-             backward_qualname: str | None = None):
+             backward_qualname: str | None = None, mm=None, addmm=None):
     """Attach fake kernels and autograd to a backend's recurrence ops."""
     if fake:
         torch.library.register_fake(forward_qualname)(fake_forward)
         if backward_qualname is not None:
             torch.library.register_fake(backward_qualname)(fake_backward)
-    torch.library.register_autograd(forward_qualname, make_backward(backward_op),
+    torch.library.register_autograd(forward_qualname, make_backward(backward_op, mm, addmm),
                                     setup_context=_setup_context)
     if backward_qualname is not None:
         double_backward, setup_context = make_double_backward_error(backward_qualname)

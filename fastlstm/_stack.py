@@ -7,13 +7,17 @@ import torch.nn.functional as F
 from . import _backends
 
 
-def _fused_layer(forward_op, bias_in_op: bool = False):
+def _fused_layer(forward_op, bias_in_op: bool = False, linear=None):
     """One layer through a backend's recurrence op. With `bias_in_op` the op adds the bias to
-    the input gates in its cell pass; otherwise the input-projection GEMM does (F.linear)."""
+    the input gates in its cell pass, and the input projection is `linear(x, w_ih)` (no bias);
+    otherwise the input-projection GEMM adds it (F.linear)."""
     def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
         bias = None if b_ih is None else b_ih + b_hh
         # Step 1 of every layer: the input projection of all steps as one GEMM.
-        input_gates = F.linear(x, w_ih, None if bias_in_op else bias)
+        if bias_in_op:
+            input_gates = linear(x, w_ih)
+        else:
+            input_gates = F.linear(x, w_ih, bias)
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input_gates, h0, c0, w_hh, w_hr, bias))
         if batch_sizes is None:
@@ -36,9 +40,14 @@ def layer_function(backend: str):
         from . import triton_lstm
         return _fused_layer(triton_lstm.recurrence_forward)
     from . import _extension  # cpu and cuda: the ops of fastlstm._C
-    # The cpu kernels add the bias in their cell pass: F.linear with a bias first copies it into
-    # every row of the [N, 4H] output (0.5 ms of a 19 ms training step at B=64, T=64, H=128).
-    return _fused_layer(_extension.recurrence_forward, bias_in_op=backend == "cpu")
+    if backend == "cpu":
+        # The cpu kernels add the bias in their cell pass: F.linear with a bias first copies it
+        # into every row of the [N, 4H] output (0.5 ms of a 19 ms training step at B=64, T=64,
+        # H=128). The projection runs on the faster CPU GEMM library (fastlstm/_cpu_gemm.py).
+        from . import _cpu_gemm
+        return _fused_layer(_extension.recurrence_forward, bias_in_op=True,
+                            linear=_cpu_gemm.linear)
+    return _fused_layer(_extension.recurrence_forward)
 
 
 def lstm_stack(x, batch_sizes, h0_all, c0_all, layer_weights, *, num_layers, bidirectional,

@@ -4,7 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -13,6 +15,7 @@
 
 #include "cell.h"
 #include "decode_kernels.h"
+#include "step_gemm.h"
 
 namespace {
 
@@ -277,6 +280,61 @@ void test_dot_kernels() {
   check_dot_kernels("dispatched", fastlstm::cpu::decode_kernels());
 }
 
+// The AVX-512 step GEMM against a double-precision product: every row count up to past two
+// register blocks (each remainder kernel), column counts around the 16- and 32-wide masks, depths
+// around its K blocks, B packed from both layouts, and leading dimensions wider than the matrices.
+void test_step_gemm() {
+  if (!fastlstm::cpu::step_gemm_available()) {
+    std::printf("step_gemm: no AVX-512 on this CPU, not tested\n");
+    return;
+  }
+  const int64_t rows_list[] = {1, 2, 5, 11, 12, 13, 24, 25, 37};
+  const int64_t cols_list[] = {1, 15, 16, 17, 32, 33, 64, 100};
+  const int64_t depth_list[] = {1, 7, 255, 256, 257, 600};
+  std::vector<float> a, b, c, packed;
+  uint32_t state = 12345;
+  auto next = [&state] {
+    state = state * 1664525u + 1013904223u;
+    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / float(1 << 23);
+  };
+  for (const int64_t m : rows_list) {
+    for (const int64_t n : cols_list) {
+      for (const int64_t k : depth_list) {
+        for (const bool transposed : {false, true}) {
+          const int64_t lda = k + 3, ldc = n + 5, ldb = (transposed ? k : n) + 2;
+          a.resize(m * lda);
+          b.resize((transposed ? n : k) * ldb);
+          for (float& v : a) v = next();
+          for (float& v : b) v = next();
+          c.assign(m * ldc, 7.0f);  // columns past n must keep this
+          packed.assign(fastlstm::cpu::step_gemm_packed_floats(k, n), -1.0f);
+          fastlstm::cpu::step_gemm_pack(b.data(), ldb, transposed, k, n, packed.data());
+          fastlstm::cpu::step_gemm_avx512(m, n, k, a.data(), lda, packed.data(), c.data(), ldc);
+          double worst = 0.0;
+          bool padding_kept = true;
+          for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < n; ++j) {
+              double expected = 0.0;
+              for (int64_t kk = 0; kk < k; ++kk) {
+                const double bv = transposed ? b[j * ldb + kk] : b[kk * ldb + j];
+                expected += static_cast<double>(a[i * lda + kk]) * bv;
+              }
+              worst = std::max(worst, std::fabs(expected - c[i * ldc + j]));
+            }
+            for (int64_t j = n; j < ldc; ++j) padding_kept &= c[i * ldc + j] == 7.0f;
+          }
+          const std::string what = "step_gemm m=" + std::to_string(m) + " n=" +
+                                   std::to_string(n) + " k=" + std::to_string(k) +
+                                   (transposed ? " (B transposed)" : "");
+          expect(worst <= 1e-5 * std::sqrt(static_cast<double>(k)) + 1e-6,
+                 what + ": max abs error " + std::to_string(worst));
+          expect(padding_kept, what + ": wrote past column n");
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -292,6 +350,7 @@ int main() {
   }
   test_bad_argument_is_reported();
   test_dot_kernels();
+  test_step_gemm();
   if (failures == 0) std::printf("all CPU kernel tests passed\n");
   return failures == 0 ? 0 : 1;
 }
