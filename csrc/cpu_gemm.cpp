@@ -1,6 +1,7 @@
-// The CPU backend's layer-wide GEMMs: the input projection x @ W_ih^T and, in backward, dx, dW_ih
-// and dW_hh (ops fastlstm::linear, fastlstm::mm, fastlstm::addmm; autograd in
-// fastlstm/_cpu_gemm.py).
+// The CPU backend's layer-wide GEMMs: the input projection x @ W_ih^T when the recurrence op does
+// not fuse it into its steps (linear_product(), called by csrc/lstm_cpu.cpp) and, in backward,
+// dx, dW_ih and dW_hh (ops fastlstm::mm and fastlstm::addmm, called from
+// fastlstm/_recurrence.py).
 //
 // Why not torch.mm: torch's x86 wheels run float32 matmul on MKL, and MKL takes its AVX-512 code
 // only on Intel processors. On an AMD EPYC with AVX-512 (2 threads) torch.mm of a
@@ -24,7 +25,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
-#include "step_gemm.h"
+#include "cpu_gemm.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -140,13 +141,6 @@ Tensor addmm_cpu(const Tensor& self, const Tensor& mat1, const Tensor& mat2) {
   return result;
 }
 
-// input @ weight^T for input [N, K], weight [M, K].
-Tensor linear_cpu(const Tensor& input, const Tensor& weight) {
-  check_matrices("fastlstm::linear", input, "input", weight, "weight");
-  TORCH_CHECK(input.size(1) == weight.size(1), "fastlstm::linear: input ", input.sizes(),
-              " and weight ", weight.sizes(), " do not match (input.size(1) == weight.size(1))");
-  return mm_cpu(input, weight.t());
-}
 
 // Which library self @ mat2 would run on now: "onednn" or "blas".
 std::string gemm_library_cpu(const Tensor& self, const Tensor& mat2) {
@@ -157,16 +151,21 @@ std::string gemm_library_cpu(const Tensor& self, const Tensor& mat2) {
 
 }  // namespace
 
+Tensor linear_product(const Tensor& input, const Tensor& weight) {
+  check_matrices("fastlstm::recurrence_forward (input projection)", input, "input", weight, "weight");
+  TORCH_CHECK(input.size(1) == weight.size(1), "fastlstm::recurrence_forward: x ", input.sizes(),
+              " and weight ", weight.sizes(), " do not match (input.size(1) == weight.size(1))");
+  return mm_cpu(input, weight.t());
+}
+
 TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def("gemm_library(Tensor self, Tensor mat2) -> str");
-  m.def("linear(Tensor input, Tensor weight) -> Tensor");
   m.def("mm(Tensor self, Tensor mat2) -> Tensor");
   m.def("addmm(Tensor self, Tensor mat1, Tensor mat2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
   m.impl("gemm_library", &gemm_library_cpu);
-  m.impl("linear", &linear_cpu);
   m.impl("mm", &mm_cpu);
   m.impl("addmm", &addmm_cpu);
 }

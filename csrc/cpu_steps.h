@@ -15,7 +15,8 @@ template <typename T>
 struct ForwardStep {
   int64_t hidden;
   int64_t unit_begin, unit_end;
-  const T* input_gates;  // [live, 4H]: x @ W_ih^T (+ b) of this step
+  const T* input_gates;  // [live, 4H]: x @ W_ih^T (+ b) of this step, or nullptr when `gemm`
+                         // holds x @ W_ih^T + h @ W_hh^T
   const T* bias;         // [4H] added to every row's input gates, or nullptr
   // h @ W_hh^T of this step: gate k (i, f, g, o) of unit u in row b is at
   // gemm[b * gemm_ld + k * gemm_gate + (u - unit_begin)].

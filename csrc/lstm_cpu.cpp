@@ -22,6 +22,7 @@
 #include "decode_kernels.h"
 #include "lstm_cpu_kernels.h"
 #include "part_barrier.h"
+#include "cpu_gemm.h"
 #include "step_gemm.h"
 
 #if defined(__linux__)
@@ -130,9 +131,10 @@ using at::Tensor;
 // stored transposed ([k, m] / [n, k]). A small step's GEMM takes a few microseconds, and
 // at::mm_out's dispatch and the narrow()ed views around it took as long (B=8, H=128), so the
 // BLAS is called directly when torch exports one.
+// With `accumulate`, c += a @ b.
 template <typename T>
 void step_gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
-               const T* b, int64_t ldb, T* c, int64_t ldc) {
+               const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
   if (m == 0 || n == 0) return;
 #ifdef FASTLSTM_DIRECT_BLAS
   constexpr bool is_float = std::is_same<T, float>::value;
@@ -144,11 +146,11 @@ void step_gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, const T* a, 
     const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
     const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
               ildc = static_cast<int>(ldc);
-    const T one = 1, zero = 0;
+    const T one = 1, beta = accumulate ? 1 : 0;
     if constexpr (is_float) {
-      sgemm_(&ta, &tb, &im, &in, &ik, &one, b, &ilda, a, &ildb, &zero, c, &ildc);
+      sgemm_(&ta, &tb, &im, &in, &ik, &one, b, &ilda, a, &ildb, &beta, c, &ildc);
     } else {
-      dgemm_(&ta, &tb, &im, &in, &ik, &one, b, &ilda, a, &ildb, &zero, c, &ildc);
+      dgemm_(&ta, &tb, &im, &in, &ik, &one, b, &ilda, a, &ildb, &beta, c, &ildc);
     }
     return;
   }
@@ -161,7 +163,11 @@ void step_gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, const T* a, 
   Tensor b_view = b_t ? at::from_blob(b_mut, {k, n}, {1, ldb}, options)
                       : at::from_blob(b_mut, {k, n}, {ldb, 1}, options);
   Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
-  at::mm_out(c_view, a_view, b_view);
+  if (accumulate) {
+    c_view.addmm_(a_view, b_view);
+  } else {
+    at::mm_out(c_view, a_view, b_view);
+  }
 }
 
 // C[m, n] = A[m, k] @ B[k, n] for a B that stays fixed over a layer's steps (row-major; B given
@@ -228,11 +234,12 @@ class FixedRightGemm {
 #endif
   }
 
-  void run(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc) const {
+  // c = a @ B, or with `accumulate` c += a @ B.
+  void run(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc, bool accumulate = false) const {
     if (m == 0) return;
     if constexpr (std::is_same<T, float>::value) {
       if (own_packed_ != nullptr) {
-        step_gemm_avx512(m, n_, k_, a, lda, own_packed_, c, ldc);
+        step_gemm_avx512(m, n_, k_, a, lda, own_packed_, c, ldc, accumulate);
         return;
       }
     }
@@ -241,13 +248,13 @@ class FixedRightGemm {
       if (packed_ != nullptr && m == m_ && lda < INT_MAX && ldc < INT_MAX) {
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),
                             static_cast<int>(n_), static_cast<int>(k_), a,
-                            static_cast<int>(lda), packed_, static_cast<int>(n_), 0.0f, c,
-                            static_cast<int>(ldc));
+                            static_cast<int>(lda), packed_, static_cast<int>(n_),
+                            accumulate ? 1.0f : 0.0f, c, static_cast<int>(ldc));
         return;
       }
     }
 #endif
-    step_gemm<T>(false, b_transposed_, m, n_, k_, a, lda, b_, ldb_, c, ldc);
+    step_gemm<T>(false, b_transposed_, m, n_, k_, a, lda, b_, ldb_, c, ldc, accumulate);
   }
 
  private:
@@ -431,7 +438,13 @@ struct SplitPlan {
         split(partition(hidden, batch, steps, element_size)),
         parts(split.parts()),
         pack(steps >= kPackMinSteps),
-        own(element_size == sizeof(float) && step_gemm_available() && avoid_blas()) {}
+        own(uses_own_gemm(steps, element_size)) {}
+
+  // Whether a layer of `steps` steps packs its weights for the own step GEMM (float32 only).
+  static bool uses_own_gemm(int64_t steps, int64_t element_size) {
+    return steps >= kPackMinSteps && element_size == sizeof(float) && step_gemm_available() &&
+           avoid_blas();
+  }
 
   const int64_t steps;
   const std::vector<int64_t> offsets;
@@ -441,33 +454,57 @@ struct SplitPlan {
   const bool own;  // float32 steps on fastlstm's AVX-512 GEMM (csrc/step_gemm.h)
 };
 
+// Part k's columns of a [4H, K] weight's transpose (its units' i, f, g, o rows of W), copied into
+// a contiguous [K, 4 n_k] block at offset 4 K u_k of `blocks`.
+template <typename T>
+void copy_unit_blocks(const Tensor& w, int64_t hidden, const Partition& split, Tensor& blocks) {
+  const int64_t depth = w.size(1);
+  for (int64_t k = 0; k < split.parts(); ++k) {
+    const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
+    Tensor block = at::from_blob(blocks.data_ptr<T>() + depth * 4 * u0, {depth, 4, n},
+                                 w.options());
+    block.copy_(w.view({4, hidden, depth}).narrow(1, u0, n).permute({2, 0, 1}));
+  }
+}
+
+// With `w_ih` (float32 on the own step GEMM only: plan.own), `input` is the layer input x [N, I]
+// and each part computes its own share of the step's x @ W_ih^T right before h @ W_hh^T, into the
+// same buffer: the [N, 4H] input gates are never written to memory and read back (at B=16,
+// H=512 that one large GEMM ran at 60% of the rate of the same product done a block at a time).
+// Otherwise `input` is the input gates [N, 4H].
 template <typename T>
 void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
-                   const Tensor& input_gates, const T* bias, const Tensor& w_hh, const Tensor& h0,
-                   Tensor& c, Tensor& out, Tensor& gates, Tensor& cells, bool save, Tensor& h_n) {
+                   const Tensor& input, const Tensor* w_ih, const T* bias, const Tensor& w_hh,
+                   const Tensor& h0, Tensor& c, Tensor& out, Tensor& gates, Tensor& cells,
+                   bool save, Tensor& h_n) {
   const int64_t batch = h0.size(0);
   const SplitPlan plan(sizes, hidden, batch, sizeof(T));
   const int64_t steps = plan.steps, parts = plan.parts;
   const std::vector<int64_t>& offsets = plan.offsets;
   const Partition& split = plan.split;
   const bool pack = plan.pack;
+  const bool fused = w_ih != nullptr;
+  const int64_t input_size = fused ? w_ih->size(1) : 0;
   // Each part multiplies by the columns of W_hh^T of its units. Split by units, part k's are
   // copied into a contiguous [H, 4 n_k] block (its units' i, f, g, o pre-activations) at offset
-  // 4 H u_k; otherwise every part uses all of W_hh^T, read as the transpose of W_hh.
+  // 4 H u_k; otherwise every part uses all of W_hh^T, read as the transpose of W_hh. The same
+  // for W_ih when the projection is fused.
   const bool by_unit_blocks = !split.by_rows && parts > 1;
   Tensor packed = by_unit_blocks ? cached_empty({hidden, 4 * hidden}, w_hh.options()) : w_hh;
-  for (int64_t k = 0; by_unit_blocks && k < parts; ++k) {
-    const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
-    Tensor block = at::from_blob(packed.data_ptr<T>() + hidden * 4 * u0, {hidden, 4, n},
-                                 w_hh.options());
-    block.copy_(w_hh.view({4, hidden, hidden}).narrow(1, u0, n).permute({2, 0, 1}));
+  if (by_unit_blocks) copy_unit_blocks<T>(w_hh, hidden, split, packed);
+  Tensor packed_ih;
+  if (fused) {
+    packed_ih = by_unit_blocks ? cached_empty({input_size, 4 * hidden}, w_ih->options()) : *w_ih;
+    if (by_unit_blocks) copy_unit_blocks<T>(*w_ih, hidden, split, packed_ih);
   }
   // h_prev @ W_hh^T of the step: by units, part k's [B, 4 n_k] at offset 4 B u_k; by rows,
   // one [B, 4H] matrix.
   Tensor scratch = cached_empty({batch * 4 * hidden}, w_hh.options());
-  const T* xg = input_gates.data_ptr<T>();
+  const T* xg = fused ? nullptr : input.data_ptr<T>();
+  const T* x_data = fused ? input.data_ptr<T>() : nullptr;
   const T* h0_data = h0.data_ptr<T>();
   const T* packed_data = packed.data_ptr<T>();
+  const T* packed_ih_data = fused ? packed_ih.data_ptr<T>() : nullptr;
   T* scratch_data = scratch.data_ptr<T>();
   T* c_data = c.data_ptr<T>();
   T* out_data = out.data_ptr<T>();
@@ -475,6 +512,7 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   T* cells_data = save ? cells.data_ptr<T>() : nullptr;
   PartBarrier barrier(parts);
   std::vector<FixedRightGemm<T>> products(parts);
+  std::vector<FixedRightGemm<T>> projections(fused ? parts : 0);
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t k = part_begin; k < part_end; ++k) {
       const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
@@ -482,8 +520,16 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
       if (by_unit_blocks) {
         products[k].prepare(packed_data + hidden * 4 * u0, 4 * n, false, rows, hidden, 4 * n,
                             pack, plan.own);
+        if (fused) {
+          projections[k].prepare(packed_ih_data + input_size * 4 * u0, 4 * n, false, rows,
+                                 input_size, 4 * n, pack, plan.own);
+        }
       } else {
         products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack, plan.own);
+        if (fused) {
+          projections[k].prepare(packed_ih_data, input_size, true, rows, input_size, 4 * hidden,
+                                 pack, plan.own);
+        }
       }
     }
     for (int64_t s = 0; s < steps; ++s) {
@@ -495,26 +541,32 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
       const bool has_prev = s > 0;
       const int64_t carried = has_prev ? std::min(live, sizes[prev_t]) : 0;
       const T* h_prev = has_prev ? out_data + offsets[prev_t] * hidden : nullptr;
-      const T* step_xg = xg + offset * 4 * hidden;
+      const T* step_xg = fused ? nullptr : xg + offset * 4 * hidden;
       for (int64_t k = part_begin; k < part_end; ++k) {
         const int64_t u0 = split.unit_begin(k), u1 = split.unit_end(k, hidden), n = u1 - u0;
         const int64_t r0 = split.row_begin(k, live), r1 = split.row_end(k, live);
         if (r0 == r1) continue;
-        for (int64_t g = 0; g < 4; ++g) {
+        for (int64_t g = 0; !fused && g < 4; ++g) {
           prefetch_columns(step_xg + r0 * 4 * hidden, r1 - r0, 4 * hidden, g * hidden + u0,
                            g * hidden + u1);
         }
         // This part's pre-activations of row b are at pre + b * ld.
         T* pre = split.by_rows ? scratch_data : scratch_data + batch * 4 * u0;
         const int64_t ld = 4 * n;
+        if (fused) {
+          projections[k].run(r1 - r0, x_data + (offset + r0) * input_size, input_size,
+                             pre + r0 * ld, ld);
+        }
         const int64_t mid = std::min(std::max(carried, r0), r1);  // rows [r0, mid) carried
-        if (mid > r0) products[k].run(mid - r0, h_prev + r0 * hidden, hidden, pre + r0 * ld, ld);
-        products[k].run(r1 - mid, h0_data + mid * hidden, hidden, pre + mid * ld, ld);
+        if (mid > r0) {
+          products[k].run(mid - r0, h_prev + r0 * hidden, hidden, pre + r0 * ld, ld, fused);
+        }
+        products[k].run(r1 - mid, h0_data + mid * hidden, hidden, pre + mid * ld, ld, fused);
         ForwardStep<T> step;
         step.hidden = hidden;
         step.unit_begin = u0;
         step.unit_end = u1;
-        step.input_gates = step_xg;
+        step.input_gates = step_xg;  // nullptr when fused: `pre` holds both products
         step.bias = bias;
         step.gemm = pre;
         step.gemm_ld = ld;
@@ -704,25 +756,45 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
   }
 }
 
+// With w_ih, the first argument is the layer input x [N, I] and the op computes the input gates
+// x @ W_ih^T itself: fused into the steps where they run on the own step GEMM (forward_split),
+// otherwise as one product up front.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
-    const Tensor& xg, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0,
+    const Tensor& xg_in, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0,
     const Tensor& w_hh, const std::optional<Tensor>& w_hr, bool reverse, bool save,
-    const std::optional<Tensor>& bias) {
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih) {
   const char* op = "fastlstm::recurrence_forward";
-  TORCH_CHECK(xg.dim() == 2, op, ": xg must be 2-D [N, 4*hidden], got shape ", xg.sizes());
+  const char* first = w_ih.has_value() ? "x" : "xg";
+  TORCH_CHECK(xg_in.dim() == 2, op, ": ", first, " must be 2-D [N, ",
+              w_ih.has_value() ? "input_size" : "4*hidden", "], got shape ", xg_in.sizes());
   TORCH_CHECK(c0.dim() == 2, op, ": c0 must be 2-D [B, hidden], got shape ", c0.sizes());
   TORCH_CHECK(h0.dim() == 2, op, ": h0 must be 2-D [B, P], got shape ", h0.sizes());
-  const auto dtype = xg.scalar_type();
-  TORCH_CHECK(supported_dtype(dtype), op, ": xg must be float32, float64, float16 or bfloat16, "
-              "got ", dtype);
-  const int64_t num_rows = xg.size(0), batch = c0.size(0), hidden = c0.size(1);
+  const auto dtype = xg_in.scalar_type();
+  TORCH_CHECK(supported_dtype(dtype), op, ": ", first,
+              " must be float32, float64, float16 or bfloat16, got ", dtype);
+  const int64_t num_rows = xg_in.size(0), batch = c0.size(0), hidden = c0.size(1);
   TORCH_CHECK(hidden > 0, op, ": hidden size (c0.size(1)) must be positive");
   const int64_t proj = w_hr.has_value() ? w_hr->size(0) : hidden;
   if (w_hr.has_value()) {
     TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be 2-D [P, hidden], got shape ", w_hr->sizes());
     check_tensor(op, *w_hr, "w_hr", "[P, hidden]", {proj, hidden}, dtype);
   }
-  check_tensor(op, xg, "xg", "[N, 4*hidden]", {num_rows, 4 * hidden}, dtype);
+  bool fused = false;
+  Tensor xg = xg_in;
+  if (w_ih.has_value()) {
+    const int64_t input_size = xg_in.size(1);
+    TORCH_CHECK(w_ih->dim() == 2, op, ": w_ih must be 2-D [4*hidden, input_size], got shape ",
+                w_ih->sizes());
+    check_tensor(op, xg_in, "x", "[N, input_size]", {num_rows, input_size}, dtype);
+    check_tensor(op, *w_ih, "w_ih", "[4*hidden, input_size]", {4 * hidden, input_size}, dtype);
+    const int64_t steps = batch_sizes.numel() != 0 ? batch_sizes.numel()
+                          : batch > 0              ? num_rows / batch
+                                                   : 0;
+    fused = !w_hr.has_value() && dtype == at::kFloat &&
+            SplitPlan::uses_own_gemm(steps, sizeof(float));
+    if (!fused) xg = linear_product(xg_in, *w_ih);
+  }
+  if (!fused) check_tensor(op, xg, "xg", "[N, 4*hidden]", {num_rows, 4 * hidden}, dtype);
   check_tensor(op, c0, "c0", "[B, hidden]", {batch, hidden}, dtype);
   check_tensor(op, h0, "h0", "[B, P]", {batch, proj}, dtype);
   check_tensor(op, w_hh, "w_hh", "[4*hidden, P]", {4 * hidden, proj}, dtype);
@@ -739,11 +811,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     // fp32/fp64 without projection: h lives in `out`, the steps split over threads by units.
     Tensor h_n = at::empty_like(h0);
     if (acc == at::kDouble) {
-      forward_split<double>(sizes, reverse, hidden, xg,
+      forward_split<double>(sizes, reverse, hidden, xg, nullptr,
                             bias.has_value() ? bias->data_ptr<double>() : nullptr, w_hh, h0, c,
                             out, gates, cells, save, h_n);
     } else {
-      forward_split<float>(sizes, reverse, hidden, xg,
+      forward_split<float>(sizes, reverse, hidden, xg, fused ? &*w_ih : nullptr,
                            bias.has_value() ? bias->data_ptr<float>() : nullptr, w_hh, h0, c,
                            out, gates, cells, save, h_n);
     }

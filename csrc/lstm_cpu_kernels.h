@@ -109,7 +109,7 @@ __attribute__((flatten)) void forward_rows_impl(const ForwardStep<T>& step, int6
   const int64_t gate = step.gemm_gate;
   constexpr int64_t width = Vectorized<T>::size();
   for (int64_t b = row_begin; b < row_end; ++b) {
-    const T* xg = step.input_gates + b * 4 * hidden;
+    const T* xg = step.input_gates == nullptr ? nullptr : step.input_gates + b * 4 * hidden;
     const T* pre = step.gemm + b * step.gemm_ld - u0;
     T* gates = step.gates == nullptr ? nullptr : step.gates + b * 4 * hidden;
     T* c = step.c + b * hidden;
@@ -117,10 +117,16 @@ __attribute__((flatten)) void forward_rows_impl(const ForwardStep<T>& step, int6
     const T* bias = step.bias;
     for (int64_t j = u0; j < u1; j += width) {
       const int64_t n = u1 - j < width ? u1 - j : width;
-      Lanes<T> pre_i = load(xg + j, n) + load(pre + j, n);
-      Lanes<T> pre_f = load(xg + hidden + j, n) + load(pre + gate + j, n);
-      Lanes<T> pre_g = load(xg + 2 * hidden + j, n) + load(pre + 2 * gate + j, n);
-      Lanes<T> pre_o = load(xg + 3 * hidden + j, n) + load(pre + 3 * gate + j, n);
+      Lanes<T> pre_i = load(pre + j, n);
+      Lanes<T> pre_f = load(pre + gate + j, n);
+      Lanes<T> pre_g = load(pre + 2 * gate + j, n);
+      Lanes<T> pre_o = load(pre + 3 * gate + j, n);
+      if (xg != nullptr) {
+        pre_i = load(xg + j, n) + pre_i;
+        pre_f = load(xg + hidden + j, n) + pre_f;
+        pre_g = load(xg + 2 * hidden + j, n) + pre_g;
+        pre_o = load(xg + 3 * hidden + j, n) + pre_o;
+      }
       if (bias != nullptr) {
         pre_i = pre_i + load(bias + j, n);
         pre_f = pre_f + load(bias + hidden + j, n);

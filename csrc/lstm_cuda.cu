@@ -1139,8 +1139,11 @@ dim3 step_grid(int64_t cols, int64_t rows, int64_t col_tile, int64_t row_tile, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
     const Tensor& xg_in, const Tensor& batch_sizes, const Tensor& h0_in, const Tensor& c0_in,
     const Tensor& w_hh_in, const std::optional<Tensor>& w_hr_in, bool reverse, bool save,
-    const std::optional<Tensor>& bias) {
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih) {
   constexpr const char* op = "fastlstm::recurrence_forward (cuda)";
+  TORCH_CHECK(!(w_ih.has_value() && w_ih->defined()), op,
+              ": w_ih (the input projection inside the op) is implemented on the CPU only; pass "
+              "the input gates x @ W_ih^T as xg");
   TORCH_CHECK(xg_in.is_cuda(), op, ": xg must be a CUDA tensor, got ", xg_in.device());
   TORCH_CHECK(xg_in.dim() == 2, op, ": xg must be 2-D (rows, 4*hidden), got ", xg_in.sizes());
   TORCH_CHECK(c0_in.dim() == 2, op, ": c0 must be 2-D (batch, hidden), got ", c0_in.sizes());

@@ -6,7 +6,7 @@
 TORCH_LIBRARY(fastlstm, m) {
   m.def(
       "recurrence_forward(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor? w_hr, bool reverse, bool save, Tensor? bias=None) "
+      "Tensor? w_hr, bool reverse, bool save, Tensor? bias=None, Tensor? w_ih=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "recurrence_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor batch_sizes, "

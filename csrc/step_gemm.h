@@ -2,11 +2,10 @@
 // thread's slice of it) stays fixed for a whole layer: B is packed once into panels of
 // kStepGemmPanel columns ([k][kStepGemmPanel] each, zero-padded) and every step multiplies by the
 // panels with an AVX-512 register-blocked kernel (csrc/step_gemm_avx512.cpp). Used where torch's
-// BLAS is slow (see use_own_gemm in csrc/cpu_gemm.cpp); elsewhere the steps call the BLAS.
+// BLAS is slow (avoid_blas() in csrc/cpu_gemm.h); elsewhere the steps call the BLAS.
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 namespace fastlstm {
 namespace cpu {
@@ -22,19 +21,13 @@ inline int64_t step_gemm_packed_floats(int64_t k, int64_t n) {
 void step_gemm_pack(const float* b, int64_t ldb, bool transposed, int64_t k, int64_t n,
                     float* packed);
 
-// c[m, n] = a[m, k] @ B (row-major, leading dimensions lda, ldc), B packed by step_gemm_pack.
-// Needs AVX-512F (cpu_has_avx512()).
+// c[m, n] = a[m, k] @ B, or with `accumulate` c += a @ B (row-major, leading dimensions lda,
+// ldc), B packed by step_gemm_pack. Needs AVX-512F (step_gemm_available()).
 void step_gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                      const float* packed, float* c, int64_t ldc);
+                      const float* packed, float* c, int64_t ldc, bool accumulate = false);
 
 // Whether this build and CPU can run step_gemm_avx512.
 bool step_gemm_available();
-
-// Whether the CPU backend's products should avoid torch's BLAS (FASTLSTM_CPU_GEMM, or by default
-// on processors other than Intel's): then layer-wide float32 products run on oneDNN and the
-// per-step ones on step_gemm_avx512. Throws on a bad FASTLSTM_CPU_GEMM: call outside parallel
-// regions.
-bool avoid_blas();
 
 }  // namespace cpu
 }  // namespace fastlstm

@@ -99,29 +99,28 @@ inline __mmask16 columns_mask(int64_t count) {
 }  // namespace
 
 void step_gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                      const float* packed, float* c, int64_t ldc) {
+                      const float* packed, float* c, int64_t ldc, bool accumulate) {
   static constexpr auto kernels = make_kernels(std::make_integer_sequence<int, kMaxRows>{});
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
+    for (int64_t i = 0; !accumulate && i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
     return;
   }
   const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel;
   for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
     const int64_t depth = std::min(kDepth, k - k0);
-    const bool accumulate = k0 > 0;
+    const bool add_to_c = accumulate || k0 > 0;
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t j0 = p * kStepGemmPanel;
       const __mmask16 mask0 = columns_mask(n - j0), mask1 = columns_mask(n - j0 - 16);
       const float* panel = packed + p * k * kStepGemmPanel + k0 * kStepGemmPanel;
-      int64_t i = 0;
-      for (; i + kMaxRows <= m; i += kMaxRows) {
-        micro_kernel<kMaxRows>(depth, a + i * lda + k0, lda, panel, c + i * ldc + j0, ldc,
-                               accumulate, mask0, mask1);
-      }
-      if (i < m) {
-        kernels[m - i - 1](depth, a + i * lda + k0, lda, panel, c + i * ldc + j0, ldc,
-                           accumulate, mask0, mask1);
+      // Rows in blocks of nearly equal size (16 rows: 8 + 8, not 12 + 4, whose 4-row block
+      // would do 8 FMAs per two panel loads).
+      for (int64_t i = 0, blocks = (m + kMaxRows - 1) / kMaxRows; i < m; --blocks) {
+        const int64_t rows = (m - i + blocks - 1) / blocks;
+        kernels[rows - 1](depth, a + i * lda + k0, lda, panel, c + i * ldc + j0, ldc, add_to_c,
+                          mask0, mask1);
+        i += rows;
       }
     }
   }
@@ -132,7 +131,7 @@ void step_gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
 bool step_gemm_available() { return false; }
 
 void step_gemm_avx512(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*,
-                      int64_t) {
+                      int64_t, bool) {
   std::abort();  // callers check step_gemm_available() first
 }
 

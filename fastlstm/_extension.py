@@ -27,7 +27,8 @@ _recurrence.register("fastlstm::recurrence_forward", torch.ops.fastlstm.recurren
 
 recurrence_forward = torch.ops.fastlstm.recurrence_forward
 """recurrence_forward(xg [N, 4H], batch_sizes [T] int64 (empty: dense), h0 [B, P], c0 [B, H],
-w_hh [4H, P], w_hr [P, H] or None, reverse, save, bias [4H] or None) -> (out [N, P], h_n [B, P],
+w_hh [4H, P], w_hr [P, H] or None, reverse, save, bias [4H] or None, w_ih [4H, I] or None (CPU:
+then the first argument is x [N, I])) -> (out [N, P], h_n [B, P],
 c_n [B, H],
 gates [N, 4H] or [0, 4H], cells [N, H] or [0, H]); see fastlstm/_recurrence.py."""
 

@@ -3,8 +3,9 @@
 One LSTM layer, one direction, runs as
     xg = x @ W_ih^T + (b_ih + b_hh)            one GEMM, done by torch (autograd handles it)
     out, h_n, c_n = recurrence_forward(xg, ...)  the fused part, one op per backend
-The C++ op also takes the bias itself (`bias`, added to every row of xg inside the op): the cpu
-backend passes it there instead of to the GEMM, which saves a pass over the [N, 4H] gates.
+The C++ op also takes the bias itself (`bias`, added to every row of xg inside the op), and the CPU
+op the input weights (`w_ih`: the op then gets x and projects it itself, step by step where its own
+step GEMM runs, so the [N, 4H] gates never go through memory): the cpu backend passes both.
 
 Rows are in the *packed* layout: `xg` is [N, 4H] and time step t owns rows
 offsets[t] : offsets[t] + batch_sizes[t] (offsets = exclusive cumsum of batch_sizes; batch sizes
@@ -22,8 +23,11 @@ Per live row, with gate order i, f, g, o as in nn.LSTM:
 
 Op schemas (namespace `fastlstm` in C++, `fastlstm_triton` for Triton):
   recurrence_forward(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh,
-                     Tensor? w_hr, bool reverse, bool save, Tensor? bias=None)
-      (bias [4H], C++ op only: pre = xg[row] + bias + h[b] @ W_hh^T)
+                     Tensor? w_hr, bool reverse, bool save, Tensor? bias=None,
+                     Tensor? w_ih=None)
+      (bias [4H], C++ op only: pre = xg[row] + bias + h[b] @ W_hh^T;
+       w_ih [4H, I], CPU op only: the first argument is then the layer input x [N, I] and
+       xg = x @ W_ih^T is computed inside the op, fused into the steps where it can be)
       -> (out [N,P] dtype, h_n [B,P] dtype, c_n [B,H] dtype,
           gates [N,4H] acc dtype (activated i,f,g,o; [0] when not save),
           cells [N,H] acc dtype (c after each row's step; [0] when not save))
@@ -180,9 +184,19 @@ def reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w
 # Autograd for a backend's pair of ops, registered once per backend.
 # ----------------------------------------------------------------------------------------------
 
+def _wants_grad(ctx, index):
+    """Whether input `index` needs a gradient (inputs left at their defaults may have no entry)."""
+    return index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]
+
+
 def _setup_context(ctx, inputs, output):
     xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save = inputs[:8]
-    ctx.num_inputs = len(inputs)  # 9 with the C++ op's bias
+    ctx.num_inputs = len(inputs)  # 9 with the C++ op's bias, 10 with its w_ih
+    w_ih = inputs[9] if len(inputs) > 9 else None
+    ctx.projected = w_ih is not None
+    # With w_ih, xg is the layer input x: kept for W_ih's gradient (and W_ih for x's).
+    x_kept = xg if ctx.projected and _wants_grad(ctx, 9) else None
+    w_ih_kept = w_ih if ctx.projected and _wants_grad(ctx, 0) else None
     out, _h_n, _c_n, gates, cells = output
     # gates and cells never receive gradients: without this, autograd would fill [N, 4H] and
     # [N, H] zero tensors for them on every backward (the backward below handles None).
@@ -190,7 +204,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.has_proj = w_hr is not None
     ctx.saved = save
-    ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells)
+    ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x_kept, w_ih_kept)
 
 
 def _grad_w_hh(grad_xg, out, h0, batch_sizes, reverse, mm=torch.mm, addmm=torch.addmm):
@@ -213,7 +227,7 @@ def make_backward(backward_op, mm=None, addmm=None):
     given)."""
 
     def backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
-        batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
+        batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x, w_ih = ctx.saved_tensors
         if not ctx.saved:
             raise RuntimeError("fastlstm: recurrence_forward was called with save=False, so it "
                                "kept nothing for backward; call it with save=True when training")
@@ -232,20 +246,25 @@ def make_backward(backward_op, mm=None, addmm=None):
             hidden = c0.shape[1]
             r = (gates[:, 3 * hidden:] * cells.tanh()).to(out.dtype)
             grad_w_hr = mm_(grad_h_total.t(), r)
-        grads = (grad_xg, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None)
-        if ctx.num_inputs == 9:  # the C++ op's optional bias (None when not passed)
-            wanted = len(ctx.needs_input_grad) > 8 and ctx.needs_input_grad[8]
-            grads = grads + (grad_xg.sum(0) if wanted else None,)
+        grad_first = grad_xg
+        if ctx.projected:  # the first input is x and the op multiplied it by W_ih^T
+            grad_first = mm_(grad_xg, w_ih) if _wants_grad(ctx, 0) else None
+        grads = (grad_first, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None)
+        if ctx.num_inputs >= 9:  # the C++ op's optional bias (None when not passed)
+            grads = grads + (grad_xg.sum(0) if _wants_grad(ctx, 8) else None,)
+        if ctx.num_inputs >= 10:  # and its optional w_ih
+            wanted = ctx.projected and _wants_grad(ctx, 9)
+            grads = grads + (mm_(grad_xg.t(), x) if wanted else None,)
         return grads
 
     return backward
 
 
-def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None):
+def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None, w_ih=None):
     rows = xg.shape[0] if save else 0
     acc = acc_dtype(xg.dtype)
     return (xg.new_empty(xg.shape[0], h0.shape[1]), h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape), xg.new_empty(rows, xg.shape[1], dtype=acc),
+            c0.new_empty(c0.shape), xg.new_empty(rows, 4 * c0.shape[1], dtype=acc),
             xg.new_empty(rows, c0.shape[1], dtype=acc))
 
 

@@ -7,25 +7,26 @@ import torch.nn.functional as F
 from . import _backends
 
 
-def _fused_layer(forward_op, bias_in_op: bool = False, linear=None):
-    """One layer through a backend's recurrence op. With `bias_in_op` the op adds the bias to
-    the input gates in its cell pass, and the input projection is `linear(x, w_ih)` (no bias);
-    otherwise the input-projection GEMM adds it (F.linear)."""
+def _fused_layer(forward_op, projection_in_op: bool = False):
+    """One layer through a backend's recurrence op. With `projection_in_op` (the cpu backend's
+    op) the op takes x, W_ih and the bias and computes the input gates itself; otherwise the
+    input projection is one GEMM here (F.linear), bias included."""
     def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
         bias = None if b_ih is None else b_ih + b_hh
-        # Step 1 of every layer: the input projection of all steps as one GEMM.
-        if bias_in_op:
-            input_gates = linear(x, w_ih)
+        if projection_in_op:
+            first = x.contiguous()
         else:
-            input_gates = F.linear(x, w_ih, bias)
+            # Step 1 of every layer: the input projection of all steps as one GEMM.
+            first = F.linear(x, w_ih, bias).contiguous()
         save = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input_gates, h0, c0, w_hh, w_hr, bias))
+            t is not None and t.requires_grad
+            for t in (first, h0, c0, w_hh, w_hr, bias) + ((w_ih,) if projection_in_op else ()))
         if batch_sizes is None:
             batch_sizes = torch.empty(0, dtype=torch.int64)
-        args = (input_gates.contiguous(), batch_sizes, h0.contiguous(), c0.contiguous(),
+        args = (first, batch_sizes, h0.contiguous(), c0.contiguous(),
                 w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(), reverse, save)
-        if bias_in_op and bias is not None:
-            args = args + (bias.contiguous(),)
+        if projection_in_op:
+            args = args + (None if bias is None else bias.contiguous(), w_ih.contiguous())
         out, h_n, c_n, _gates, _cells = forward_op(*args)
         return out, h_n, c_n
     return lstm_layer
@@ -41,12 +42,11 @@ def layer_function(backend: str):
         return _fused_layer(triton_lstm.recurrence_forward)
     from . import _extension  # cpu and cuda: the ops of fastlstm._C
     if backend == "cpu":
-        # The cpu kernels add the bias in their cell pass: F.linear with a bias first copies it
-        # into every row of the [N, 4H] output (0.5 ms of a 19 ms training step at B=64, T=64,
-        # H=128). The projection runs on the faster CPU GEMM library (fastlstm/_cpu_gemm.py).
-        from . import _cpu_gemm
-        return _fused_layer(_extension.recurrence_forward, bias_in_op=True,
-                            linear=_cpu_gemm.linear)
+        # The cpu op adds the bias in its cell pass (F.linear with a bias first copies it into
+        # every row of the [N, 4H] output: 0.5 ms of a 19 ms training step at B=64, T=64,
+        # H=128) and, where its own step GEMM runs, computes each step's x @ W_ih^T right before
+        # h @ W_hh^T, so the [N, 4H] input gates never go through memory (csrc/lstm_cpu.cpp).
+        return _fused_layer(_extension.recurrence_forward, projection_in_op=True)
     return _fused_layer(_extension.recurrence_forward)
 
 

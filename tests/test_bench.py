@@ -2,6 +2,7 @@
 a tiny run of every suite on the torch backend, tables, BENCHMARKS.md blocks and plots."""
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import types
@@ -348,6 +349,20 @@ def test_update_document_fills_marked_blocks():
     assert "| B=16 T=64 I=768 H=768 L=1 | torch |" in text
     assert "Rerun on a GPU." in text
     assert text.startswith("# Bench\n") and "\ntext\n" in text
+
+
+def test_update_document_cpu_filter_keeps_machines_apart():
+    made = [r for r in _fake_records() if r["suite"] == "train"]
+    other = copy.deepcopy(made[0])
+    other["machine"]["cpu_model"] = "AMD EPYC"
+    other["run_id"] = "other-run"
+    other["ratios"], other["ratio_median"] = [3.25, 3.25], 3.25
+    document = ("<!-- bench-table suite=train device=cpu cpu=epyc -->\n<!-- /bench-table -->\n"
+                "<!-- bench-table suite=train device=cpu cpu=nothing-like-it empty=\"none\" -->\n"
+                "<!-- /bench-table -->\n")
+    text, filled = report.update_document(document, made + [other])
+    assert filled == 1
+    assert "3.25x" in text and "1.50x" not in text and "none" in text
 
 
 def test_update_document_cli_round_trip(tmp_path, capsys):

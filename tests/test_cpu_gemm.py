@@ -1,6 +1,7 @@
-"""The cpu backend's GEMMs (csrc/cpu_gemm.cpp, csrc/step_gemm_avx512.cpp): fastlstm::linear, mm
-and addmm against torch on every library FASTLSTM_CPU_GEMM can choose, which library a product
-runs on, and whole LSTMs against nn.LSTM with the per-step products on each library.
+"""The cpu backend's GEMMs (csrc/cpu_gemm.cpp, csrc/step_gemm_avx512.cpp): fastlstm::mm and addmm
+against torch on every library FASTLSTM_CPU_GEMM can choose, which library a product runs on, the
+recurrence op's own input projection (w_ih) against the op fed x @ W_ih^T, and whole LSTMs
+against nn.LSTM with the per-step products on each library.
 
 The AVX-512 step kernel itself is tested element by element by the C++ tests (ctest).
 """
@@ -48,41 +49,12 @@ def test_mm_and_addmm_match_torch(library, transpose_a, transpose_b):
                                atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_linear_matches_f_linear(library, dtype):
-    x = torch.randn(300, 70, dtype=dtype)
-    w = torch.randn(130, 70, dtype=dtype)
-    tol = {torch.float32: 1e-4, torch.float64: 1e-12, torch.bfloat16: 0.1}[dtype]
-    torch.testing.assert_close(_cpu_gemm.linear(x, w).double(),
-                               torch.nn.functional.linear(x.double(), w.double()),
-                               atol=tol, rtol=tol)
-
-
 def test_empty_products(library):
     assert _cpu_gemm.mm(torch.randn(0, 5), torch.randn(5, 3)).shape == (0, 3)
     torch.testing.assert_close(_cpu_gemm.mm(torch.randn(4, 0), torch.randn(0, 3)),
                                torch.zeros(4, 3))
     c = torch.randn(4, 3)
     torch.testing.assert_close(_cpu_gemm.addmm(c, torch.randn(4, 0), torch.randn(0, 3)), c)
-
-
-def test_linear_gradients(library):
-    x = torch.randn(300, 70, requires_grad=True)
-    w = torch.randn(130, 70, requires_grad=True)
-    g = torch.randn(300, 130)
-    grads = torch.autograd.grad(_cpu_gemm.linear(x, w), (x, w), g)
-    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    expected = torch.autograd.grad(torch.nn.functional.linear(x2, w2), (x2, w2), g.double())
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
-    assert grads[1].is_contiguous()  # lands in .grad without a copy
-
-
-def test_linear_gradcheck_and_double_backward():
-    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_cpu_gemm.linear, (x, w))
-    assert torch.autograd.gradgradcheck(_cpu_gemm.linear, (x, w))
 
 
 def test_library_choice(monkeypatch):
@@ -115,9 +87,7 @@ def test_argument_errors():
     with pytest.raises(RuntimeError, match="must be 2-D"):
         _cpu_gemm.mm(torch.randn(3, 4, 1), torch.randn(4, 2))
     with pytest.raises(RuntimeError, match="same dtype"):
-        _cpu_gemm.linear(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="do not match"):
-        _cpu_gemm.linear(torch.randn(3, 4), torch.randn(2, 5))
+        _cpu_gemm.mm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="must have shape"):
         _cpu_gemm.addmm(torch.randn(2, 2), torch.randn(3, 4), torch.randn(4, 2))
 
@@ -158,3 +128,96 @@ def test_packed_lstm_matches_nn_lstm(library):
     sequences = [torch.randn(length, 16) for length in lengths]
     module = fastlstm.LSTM(16, 96, backend="cpu")
     _compare_with_nn_lstm(module, pack_sequence(sequences), atol=2e-5)
+
+
+# ---- the recurrence op's input projection (w_ih) -------------------------------------------
+
+forward_op = torch.ops.fastlstm.recurrence_forward
+
+
+def _batch_sizes(lengths):
+    return torch.tensor([sum(length > t for length in lengths) for t in range(max(lengths))],
+                        dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("steps", [3, 12])  # below and above the steps that pack W (fused: 8+)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_projection_in_op_matches_input_gates(library, dtype, steps, packed, reverse, threads):
+    batch, input_size, hidden = 37, 20, 48
+    if packed:
+        lengths = [steps] + sorted(torch.randint(1, steps + 1, (batch - 1,)).tolist(),
+                                   reverse=True)
+        batch_sizes = _batch_sizes(lengths)
+    else:
+        batch_sizes = torch.empty(0, dtype=torch.int64)
+    rows = int(batch_sizes.sum()) if packed else batch * steps
+    x = torch.randn(rows, input_size, dtype=dtype)
+    w_ih = torch.randn(4 * hidden, input_size, dtype=dtype) * input_size ** -0.5
+    w_hh = torch.randn(4 * hidden, hidden, dtype=dtype) * hidden ** -0.5
+    h0 = torch.randn(batch, hidden, dtype=dtype)
+    c0 = torch.randn(batch, hidden, dtype=dtype)
+    bias = torch.randn(4 * hidden, dtype=dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = forward_op(x, batch_sizes, h0, c0, w_hh, None, reverse, True, bias, w_ih)
+        xg = (x.double() @ w_ih.double().t()).to(dtype)
+        want = forward_op(xg, batch_sizes, h0, c0, w_hh, None, reverse, True, bias)
+    finally:
+        torch.set_num_threads(previous)
+    atol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, a, b in zip(("out", "h_n", "c_n", "gates", "cells"), got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("steps", [3, 12])
+def test_projection_in_op_gradients(library, steps):
+    batch, input_size, hidden = 9, 6, 16
+    args = [torch.randn(batch * steps, input_size, dtype=torch.float64),
+            torch.randn(batch, hidden, dtype=torch.float64),
+            torch.randn(batch, hidden, dtype=torch.float64),
+            torch.randn(4 * hidden, hidden, dtype=torch.float64) * 0.3,
+            torch.randn(4 * hidden, dtype=torch.float64),
+            torch.randn(4 * hidden, input_size, dtype=torch.float64) * 0.3]
+    args = [a.requires_grad_() for a in args]
+    empty = torch.empty(0, dtype=torch.int64)
+
+    def fused(x, h0, c0, w_hh, bias, w_ih):
+        return forward_op(x, empty, h0, c0, w_hh, None, False, True, bias, w_ih)[:3]
+
+    assert torch.autograd.gradcheck(fused, args)
+    # float32 on the fused path against the float64 gradients
+    args32 = [a.detach().float().requires_grad_() for a in args]
+    outputs = fused(*args32)
+    weights = [torch.randn_like(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, args32, weights)
+    outputs64 = fused(*args)
+    grads64 = torch.autograd.grad(outputs64, args, [w.double() for w in weights])
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+def test_projection_in_op_opcheck():
+    x = torch.randn(40, 6, requires_grad=True)
+    w_ih = torch.randn(64, 6, requires_grad=True)
+    w_hh = torch.randn(64, 16, requires_grad=True)
+    h0, c0 = torch.randn(4, 16), torch.randn(4, 16)
+    bias = torch.randn(64, requires_grad=True)
+    torch.library.opcheck(forward_op, (x, torch.empty(0, dtype=torch.int64), h0, c0, w_hh, None,
+                                       False, True, bias, w_ih))
+
+
+def test_projection_argument_errors():
+    x, h0, c0 = torch.randn(40, 6), torch.randn(4, 16), torch.randn(4, 16)
+    w_hh = torch.randn(64, 16)
+    empty = torch.empty(0, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="w_ih"):
+        forward_op(x, empty, h0, c0, w_hh, None, False, False, None, torch.randn(64, 7))
+    with pytest.raises(RuntimeError, match="w_ih"):
+        forward_op(x, empty, h0, c0, w_hh, None, False, False, None, torch.randn(60, 6))
+    with pytest.raises(RuntimeError, match="w_ih"):
+        forward_op(x, empty, h0, c0, w_hh, None, False, False, None,
+                   torch.randn(64, 6, dtype=torch.float64))

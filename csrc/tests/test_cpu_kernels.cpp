@@ -110,8 +110,9 @@ Forward call_forward(const at::Tensor& xg, const at::Tensor& batch_sizes, const 
                        .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&,
                                       const std::optional<at::Tensor>&, bool, bool,
+                                      const std::optional<at::Tensor>&,
                                       const std::optional<at::Tensor>&)>();
-  return op.call(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, true, std::nullopt);
+  return op.call(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, true, std::nullopt, std::nullopt);
 }
 
 Backward call_backward(const at::Tensor& grad_out, const at::Tensor& grad_hn,
@@ -301,20 +302,25 @@ void test_step_gemm() {
     for (const int64_t n : cols_list) {
       for (const int64_t k : depth_list) {
         for (const bool transposed : {false, true}) {
+          // Accumulating into c (c += a @ B) on alternate cases.
+          const bool accumulate = ((m + n + k) % 2 == 1) == transposed;
           const int64_t lda = k + 3, ldc = n + 5, ldb = (transposed ? k : n) + 2;
           a.resize(m * lda);
           b.resize((transposed ? n : k) * ldb);
           for (float& v : a) v = next();
           for (float& v : b) v = next();
           c.assign(m * ldc, 7.0f);  // columns past n must keep this
+          const float start = accumulate ? 0.5f : 0.0f;
+          for (int64_t i = 0; accumulate && i < m; ++i) std::fill_n(&c[i * ldc], n, start);
           packed.assign(fastlstm::cpu::step_gemm_packed_floats(k, n), -1.0f);
           fastlstm::cpu::step_gemm_pack(b.data(), ldb, transposed, k, n, packed.data());
-          fastlstm::cpu::step_gemm_avx512(m, n, k, a.data(), lda, packed.data(), c.data(), ldc);
+          fastlstm::cpu::step_gemm_avx512(m, n, k, a.data(), lda, packed.data(), c.data(), ldc,
+                                          accumulate);
           double worst = 0.0;
           bool padding_kept = true;
           for (int64_t i = 0; i < m; ++i) {
             for (int64_t j = 0; j < n; ++j) {
-              double expected = 0.0;
+              double expected = start;
               for (int64_t kk = 0; kk < k; ++kk) {
                 const double bv = transposed ? b[j * ldb + kk] : b[kk * ldb + j];
                 expected += static_cast<double>(a[i * lda + kk]) * bv;
@@ -325,7 +331,8 @@ void test_step_gemm() {
           }
           const std::string what = "step_gemm m=" + std::to_string(m) + " n=" +
                                    std::to_string(n) + " k=" + std::to_string(k) +
-                                   (transposed ? " (B transposed)" : "");
+                                   (transposed ? " (B transposed)" : "") +
+                                   (accumulate ? " (accumulating)" : "");
           expect(worst <= 1e-5 * std::sqrt(static_cast<double>(k)) + 1e-6,
                  what + ": max abs error " + std::to_string(worst));
           expect(padding_kept, what + ": wrote past column n");

@@ -170,9 +170,9 @@ def _provenance(group: list[dict]) -> str:
 #   <!-- bench-table suite=train device=cpu dtype=float32 -->
 #   ...table...
 #   <!-- /bench-table -->
-# Filters (all optional but suite): device, dtype, baseline_dtype, backend, gpu (substring of the
-# GPU name), shapes ("label;label" to keep and order rows). `empty="..."` is shown, with the
-# block's filters, while no record matches.
+# Filters (all optional but suite): device, dtype, baseline_dtype, backend, gpu / cpu (substring of
+# the GPU name / CPU model), shapes ("label;label" to keep and order rows). `empty="..."` is shown,
+# with the block's filters, while no record matches.
 _BLOCK = re.compile(r"(<!-- bench-table (?P<spec>.*?)-->\n)(?P<body>.*?)(<!-- /bench-table -->)",
                     re.S)
 
@@ -187,6 +187,9 @@ def _select(records, spec: dict) -> list[dict]:
             continue
         gpu = record["machine"].get("gpu_name") or ""
         if "gpu" in spec and spec["gpu"].lower() not in gpu.lower():
+            continue
+        cpu = record["machine"].get("cpu_model") or ""
+        if "cpu" in spec and spec["cpu"].lower() not in cpu.lower():
             continue
         keep.append(record)
     if "shapes" in spec:

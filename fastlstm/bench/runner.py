@@ -149,10 +149,11 @@ class Runner:
 
     def _floor_read(self, suite, work):
         if suite in ("train", "forward"):
-            size = self.peak(self.dtype)["size"]
+            peak = self.peak(self.dtype)
+            size = peak["size"]
             a = torch.randn(size, size, device=self.device, dtype=self.dtype)
             b = torch.randn(size, size, device=self.device, dtype=self.dtype)
-            return lambda: a @ b
+            return timing.matmul_callables(self.device, a, b)[peak["library"]]
         # A matrix-vector product streams its matrix once, as the GEMVs of a decode step do; it
         # reads faster than torch.sum (5.0 against 3.8 GB/s on one core here for 35 MB).
         elements = max(self._floor_bytes(suite, work) // 4, 1)

@@ -153,18 +153,40 @@ def measure_read_bandwidth(device, nbytes: int | None = None, rounds: int = 7) -
             "method": f"best torch.sum over a {buffer.numel() * 4 >> 20} MiB float32 buffer"}
 
 
+def matmul_callables(device, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """The matrix-product libraries torch offers for a @ b on `device`, as callables by name:
+    torch.mm (MKL on x86 CPUs, cuBLAS on CUDA) and, on the CPU where torch has it, oneDNN (the
+    library of nn.LSTM's CPU kernel; MKL runs without AVX-512 on processors other than Intel's,
+    where oneDNN is about twice as fast)."""
+    found = {"torch.mm": lambda: a @ b}
+    if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            linear = torch.ops.mkldnn._linear_pointwise
+            b_t = b.t().contiguous()
+            linear(a[:2], b_t, None, "none", [], "")
+            found["oneDNN"] = lambda: linear(a, b_t, None, "none", [], "")
+        except (AttributeError, RuntimeError):
+            pass
+    return found
+
+
 def measure_matmul_peak(device, dtype: torch.dtype, size: int | None = None,
                         rounds: int = 7) -> dict:
-    """FLOP/s of one large square matrix product through torch (MKL/oneDNN, cuBLAS) in `dtype`:
-    the arithmetic floor of training is FLOPs over this rate, measured in the same run."""
+    """FLOP/s of one large square matrix product in `dtype` on the fastest library torch offers
+    (matmul_callables): the arithmetic floor of training is FLOPs over this rate, measured in the
+    same run."""
     device = torch.device(device)
     if size is None:
         size = 8192 if device.type == "cuda" else 1024
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = _best_over_threads(device, lambda: min(interleaved(
-        {"mm": lambda: a @ b}, device, rounds=rounds, warmup=2, min_sample_s=0.05)["times"]["mm"]))
-    return {"flops": 2 * size ** 3, "size": size, "seconds": seconds,
-            "flops_per_s": 2 * size ** 3 / seconds,
-            "method": f"best {size}x{size}x{size} {str(dtype).replace('torch.', '')} matmul"}
-
+    best_name, best_seconds = None, float("inf")
+    for name, fn in matmul_callables(device, a, b).items():
+        seconds = _best_over_threads(device, lambda fn=fn: min(interleaved(
+            {"mm": fn}, device, rounds=rounds, warmup=2, min_sample_s=0.05)["times"]["mm"]))
+        if seconds < best_seconds:
+            best_name, best_seconds = name, seconds
+    return {"flops": 2 * size ** 3, "size": size, "seconds": best_seconds,
+            "flops_per_s": 2 * size ** 3 / best_seconds, "library": best_name,
+            "method": f"best {size}x{size}x{size} {str(dtype).replace('torch.', '')} matmul, "
+                      f"{best_name}"}
