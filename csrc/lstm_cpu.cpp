@@ -472,11 +472,22 @@ void copy_unit_blocks(const Tensor& w, int64_t hidden, const Partition& split, T
 // same buffer: the [N, 4H] input gates are never written to memory and read back (at B=16,
 // H=512 that one large GEMM ran at 60% of the rate of the same product done a block at a time).
 // Otherwise `input` is the input gates [N, 4H].
+// h of rows [r0, r1), units [u0, u1) rounded to `Low` (fp16 / bf16) in place.
+template <typename Low>
+void round_through(float* h, int64_t ld, int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = h + r * ld;
+    for (int64_t j = u0; j < u1; ++j) row[j] = static_cast<float>(static_cast<Low>(row[j]));
+  }
+}
+
+// With `round_h` fp16 or bf16 (T float32 only), every step's h is rounded to that dtype as soon as
+// it is computed: the contract's float32 computation for fp16 / bf16 inputs, on float32 copies.
 template <typename T>
 void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
                    const Tensor& input, const Tensor* w_ih, const T* bias, const Tensor& w_hh,
                    const Tensor& h0, Tensor& c, Tensor& out, Tensor& gates, Tensor& cells,
-                   bool save, Tensor& h_n) {
+                   bool save, Tensor& h_n, at::ScalarType round_h = at::kFloat) {
   const int64_t batch = h0.size(0);
   const SplitPlan plan(sizes, hidden, batch, sizeof(T));
   const int64_t steps = plan.steps, parts = plan.parts;
@@ -577,6 +588,13 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
         step.r = out_data + offset * hidden;
         step.r_stride = hidden;
         forward_rows(step, r0, r1);
+        if constexpr (std::is_same<T, float>::value) {
+          if (round_h == at::kBFloat16) {
+            round_through<at::BFloat16>(step.r, hidden, r0, r1, u0, u1);
+          } else if (round_h == at::kHalf) {
+            round_through<at::Half>(step.r, hidden, r0, r1, u0, u1);
+          }
+        }
       }
       if (!split.by_rows && s + 1 < steps) barrier.arrive_and_wait(part_end - part_begin);
     }
@@ -790,7 +808,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     const int64_t steps = batch_sizes.numel() != 0 ? batch_sizes.numel()
                           : batch > 0              ? num_rows / batch
                                                    : 0;
-    fused = !w_hr.has_value() && dtype == at::kFloat &&
+    fused = !w_hr.has_value() && acc_dtype(dtype) == at::kFloat &&
             SplitPlan::uses_own_gemm(steps, sizeof(float));
     if (!fused) xg = linear_product(xg_in, *w_ih);
   }
@@ -820,6 +838,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
                            out, gates, cells, save, h_n);
     }
     return {out, h_n, c, gates, cells};
+  }
+  if (!w_hr.has_value()) {
+    // fp16/bf16 without projection: the same split path on float32 copies, h rounded to dtype
+    // after every step, so `out` holds values of dtype exactly.
+    const Tensor input_f = xg.to(at::kFloat).contiguous();
+    const Tensor w_ih_f = fused ? w_ih->to(at::kFloat).contiguous() : Tensor();
+    const Tensor w_hh_f = w_hh.to(at::kFloat).contiguous();
+    const Tensor h0_f = h0.to(at::kFloat).contiguous();
+    const Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+    Tensor out_f = cached_empty({num_rows, proj}, acc_options);
+    Tensor h_n_f = at::empty_like(h0_f);
+    forward_split<float>(sizes, reverse, hidden, input_f, fused ? &w_ih_f : nullptr,
+                         bias.has_value() ? bias_f.data_ptr<float>() : nullptr, w_hh_f, h0_f, c,
+                         out_f, gates, cells, save, h_n_f, dtype);
+    out.copy_(out_f);
+    return {out, h_n_f.to(dtype), c.to(dtype), gates, cells};
   }
   Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true);
   const Tensor input_gates =
@@ -956,6 +990,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
                             grad_xg);
     }
     return {grad_xg, dh, dc, grad_h_total};
+  }
+  if (!w_hr.has_value()) {
+    // fp16/bf16: the split path on float32 copies; the gate gradients are rounded once, at the
+    // end (backward_loop, too, multiplies the unrounded ones by W_hh).
+    Tensor grad_xg_f = cached_empty({num_rows, 4 * hidden}, grad_out_acc.options());
+    backward_split<float>(sizes, reverse, hidden, grad_out_acc, c0_acc, w_hh_acc, gates, cells, dh,
+                          dc, grad_xg_f);
+    grad_xg.copy_(grad_xg_f);
+    return {grad_xg, dh.to(dtype), dc.to(dtype), grad_h_total};
   }
   if (acc == at::kDouble) {
     backward_loop<double>(sizes, reverse, hidden, grad_out_acc, c0_acc, w_hh_acc, w_hr_acc, gates,

@@ -86,6 +86,20 @@ def test_lstm_cpu_bf16(backend):
     _check_lstm(backend, "cpu", torch.bfloat16, sizes)
 
 
+@pytest.mark.parametrize("gemm", ["blas", "own"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lstm_cpu_bf16_long_sequences(gemm, threads, monkeypatch):
+    """Enough steps and rows for the cpu backend's packed, threaded path: with `own` (AVX-512
+    CPUs) the input projection is fused into the steps, computed in float32."""
+    monkeypatch.setenv("FASTLSTM_CPU_GEMM", gemm)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_lstm("cpu", "cpu", torch.bfloat16, (12, 40, 24, 64))
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("backend", _backends_for("cpu"))
 def test_lstm_cpu_bf16_proj(backend):
     """With proj_size, nn.LSTM on the CPU keeps the cell state in float32 under autocast."""
