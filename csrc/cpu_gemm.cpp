@@ -90,7 +90,17 @@ bool use_onednn(const Tensor& a, const Tensor& b, const Tensor& result) {
 void gemm_into(const Tensor& a, const Tensor& b, const Tensor& result, float beta) {
   if (use_onednn(a, b, result)) {
     try {
-      at::native::mkldnn_matmul(a, b, result, beta, 1.0f);
+      if (beta == 0.0f) {
+        at::native::mkldnn_matmul(a, b, result, 0.0f, 1.0f);
+      } else {
+        // Never beta != 0 on oneDNN: torch turns it into oneDNN's sum post-op, which corrupted
+        // the heap for a one-row result with a transposed mat2 (torch 2.14.1). The product goes
+        // to a new buffer and is added.
+        const Tensor product = at::empty_like(result, at::MemoryFormat::Contiguous);
+        at::native::mkldnn_matmul(a, b, product, 0.0f, 1.0f);
+        if (beta != 1.0f) const_cast<Tensor&>(result).mul_(beta);
+        const_cast<Tensor&>(result).add_(product);
+      }
       return;
     } catch (const c10::Error& error) {
       if (!onednn_failed.exchange(true)) {
@@ -135,7 +145,10 @@ Tensor addmm_cpu(const Tensor& self, const Tensor& mat1, const Tensor& mat2) {
   TORCH_CHECK(self.sizes() == at::IntArrayRef({mat1.size(0), mat2.size(1)}),
               "fastlstm::addmm: self must have shape [", mat1.size(0), ", ", mat2.size(1),
               "], got ", self.sizes());
-  Tensor result = self.to(mat1.scalar_type()).clone(at::MemoryFormat::Contiguous);
+  TORCH_CHECK(self.scalar_type() == mat1.scalar_type() && self.device().is_cpu(),
+              "fastlstm::addmm: self must be a CPU tensor of mat1's dtype ", mat1.scalar_type(),
+              ", got ", self.scalar_type(), " on ", self.device());
+  Tensor result = self.clone(at::MemoryFormat::Contiguous);
   if (mat1.size(1) == 0) return result;
   gemm_into(mat1, mat2, result, 1.0f);
   return result;

@@ -810,14 +810,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
                                                    : 0;
     fused = !w_hr.has_value() && acc_dtype(dtype) == at::kFloat &&
             SplitPlan::uses_own_gemm(steps, sizeof(float));
-    if (!fused) xg = linear_product(xg_in, *w_ih);
+  } else {
+    check_tensor(op, xg, "xg", "[N, 4*hidden]", {num_rows, 4 * hidden}, dtype);
   }
-  if (!fused) check_tensor(op, xg, "xg", "[N, 4*hidden]", {num_rows, 4 * hidden}, dtype);
   check_tensor(op, c0, "c0", "[B, hidden]", {batch, hidden}, dtype);
   check_tensor(op, h0, "h0", "[B, P]", {batch, proj}, dtype);
   check_tensor(op, w_hh, "w_hh", "[4*hidden, P]", {4 * hidden, proj}, dtype);
   if (bias.has_value()) check_tensor(op, *bias, "bias", "[4*hidden]", {4 * hidden}, dtype);
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
+  // Every argument checked: the input projection, when not fused into the steps.
+  if (w_ih.has_value() && !fused) xg = linear_product(xg_in, *w_ih);
 
   const auto acc = acc_dtype(dtype);
   const auto acc_options = xg.options().dtype(acc);

@@ -14,12 +14,6 @@
 #include <cstdlib>
 #include <utility>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx2,fma,avx512f")
-#include <immintrin.h>
-#define FASTLSTM_STEP_GEMM_AVX512 1
-#endif
-
 namespace fastlstm {
 namespace cpu {
 
@@ -38,6 +32,19 @@ void step_gemm_pack(const float* b, int64_t ldb, bool transposed, int64_t k, int
     }
   }
 }
+
+}  // namespace cpu
+}  // namespace fastlstm
+
+// Everything below is compiled for AVX-512 (step_gemm_pack above is not: it runs anywhere).
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,avx512f")
+#include <immintrin.h>
+#define FASTLSTM_STEP_GEMM_AVX512 1
+#endif
+
+namespace fastlstm {
+namespace cpu {
 
 #ifdef FASTLSTM_STEP_GEMM_AVX512
 

@@ -49,6 +49,24 @@ def test_mm_and_addmm_match_torch(library, transpose_a, transpose_b):
                                atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_addmm_few_rows_transposed_operands(library, rows):
+    # oneDNN's sum post-op (beta != 0) corrupted the heap for one row and a transposed mat2.
+    a = torch.randn(rows, 2049)
+    b = torch.randn(1024, 2049).t()
+    c = torch.randn(rows, 1024)
+    expected = c.double() + a.double() @ b.double()
+    for _ in range(3):
+        torch.testing.assert_close(_cpu_gemm.addmm(c, a, b).double(), expected, atol=1e-3,
+                                   rtol=1e-5)
+        a_transposed = a.t().contiguous().t()  # a view with strides (1, rows)
+        torch.testing.assert_close(_cpu_gemm.addmm(c, a_transposed, b).double(), expected,
+                                   atol=1e-3, rtol=1e-5)
+    junk = [torch.randn(j * 10) for j in range(200)]  # reuses the heap around the result
+    assert len(junk) == 200
+    torch.testing.assert_close(c.double() + a.double() @ b.double(), expected)
+
+
 def test_empty_products(library):
     assert _cpu_gemm.mm(torch.randn(0, 5), torch.randn(5, 3)).shape == (0, 3)
     torch.testing.assert_close(_cpu_gemm.mm(torch.randn(4, 0), torch.randn(0, 3)),
@@ -90,6 +108,9 @@ def test_argument_errors():
         _cpu_gemm.mm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="must have shape"):
         _cpu_gemm.addmm(torch.randn(2, 2), torch.randn(3, 4), torch.randn(4, 2))
+    with pytest.raises(RuntimeError, match="mat1's dtype"):
+        _cpu_gemm.addmm(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 4),
+                        torch.randn(4, 2))
 
 
 def _compare_with_nn_lstm(module, inputs, atol):

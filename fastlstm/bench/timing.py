@@ -159,7 +159,8 @@ def matmul_callables(device, a: torch.Tensor, b: torch.Tensor) -> dict:
     library of nn.LSTM's CPU kernel; MKL runs without AVX-512 on processors other than Intel's,
     where oneDNN is about twice as fast)."""
     found = {"torch.mm": lambda: a @ b}
-    if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
+    if (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled):
         try:
             linear = torch.ops.mkldnn._linear_pointwise
             b_t = b.t().contiguous()
