@@ -185,9 +185,10 @@ class FixedRightGemm {
 
   // Call from the thread that will run the products (MKL packs for that thread count). With
   // `own` (float32 only), B is packed for fastlstm's AVX-512 kernel instead (csrc/step_gemm.h),
-  // which then runs every product, whatever its row count.
+  // which then runs every product, whatever its row count; with `bf16` too (a bf16 layer: A and
+  // B hold bf16 values) for its AVX512-BF16 variant, where the CPU has it.
   void prepare(const T* b, int64_t ldb, bool b_transposed, int64_t m, int64_t k, int64_t n,
-               bool pack, bool own) {
+               bool pack, bool own, bool bf16 = false) {
     b_ = b;
     ldb_ = ldb;
     b_transposed_ = b_transposed;
@@ -195,6 +196,19 @@ class FixedRightGemm {
     k_ = k;
     n_ = n;
     if constexpr (std::is_same<T, float>::value) {
+      if (pack && own && bf16 && k > 0 && n > 0 && step_gemm_bf16_available()) {
+        try {
+          storage_ = cached_empty({step_gemm_packed_bf16_elements(k, n)},
+                                  at::TensorOptions(at::kBFloat16));
+          bf16_packed_ = reinterpret_cast<uint16_t*>(storage_.data_ptr<at::BFloat16>());
+        } catch (...) {
+          bf16_packed_ = nullptr;
+        }
+        if (bf16_packed_ != nullptr) {
+          step_gemm_pack_bf16(b, ldb, b_transposed, k, n, bf16_packed_);
+          return;
+        }
+      }
       if (pack && own && k > 0 && n > 0) {
         // As below: nothing may throw inside the parallel region.
         try {
@@ -238,6 +252,10 @@ class FixedRightGemm {
   void run(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc, bool accumulate = false) const {
     if (m == 0) return;
     if constexpr (std::is_same<T, float>::value) {
+      if (bf16_packed_ != nullptr) {
+        step_gemm_bf16(m, n_, k_, a, lda, bf16_packed_, c, ldc, accumulate);
+        return;
+      }
       if (own_packed_ != nullptr) {
         step_gemm_avx512(m, n_, k_, a, lda, own_packed_, c, ldc, accumulate);
         return;
@@ -265,9 +283,10 @@ class FixedRightGemm {
   int64_t ldb_ = 0;
   bool b_transposed_ = false;
   int64_t m_ = 0, k_ = 0, n_ = 0;
-  at::Tensor storage_;  // holds packed_ or own_packed_
+  at::Tensor storage_;  // holds packed_, own_packed_ or bf16_packed_
   float* packed_ = nullptr;
   float* own_packed_ = nullptr;
+  uint16_t* bf16_packed_ = nullptr;
 };
 
 // ---- argument checks: every tensor is checked before any memory is touched ------------------
@@ -496,6 +515,9 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   const bool pack = plan.pack;
   const bool fused = w_ih != nullptr;
   const int64_t input_size = fused ? w_ih->size(1) : 0;
+  // A bf16 layer: h (rounded every step), h0, x and the weights all hold bf16 values, so the
+  // products (whose A is h or x) can run on the AVX512-BF16 step kernel.
+  const bool bf16 = round_h == at::kBFloat16;
   // Each part multiplies by the columns of W_hh^T of its units. Split by units, part k's are
   // copied into a contiguous [H, 4 n_k] block (its units' i, f, g, o pre-activations) at offset
   // 4 H u_k; otherwise every part uses all of W_hh^T, read as the transpose of W_hh. The same
@@ -530,16 +552,17 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
       const int64_t rows = split.row_end(k, batch) - split.row_begin(k, batch);
       if (by_unit_blocks) {
         products[k].prepare(packed_data + hidden * 4 * u0, 4 * n, false, rows, hidden, 4 * n,
-                            pack, plan.own);
+                            pack, plan.own, bf16);
         if (fused) {
           projections[k].prepare(packed_ih_data + input_size * 4 * u0, 4 * n, false, rows,
-                                 input_size, 4 * n, pack, plan.own);
+                                 input_size, 4 * n, pack, plan.own, bf16);
         }
       } else {
-        products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack, plan.own);
+        products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack, plan.own,
+                            bf16);
         if (fused) {
           projections[k].prepare(packed_ih_data, input_size, true, rows, input_size, 4 * hidden,
-                                 pack, plan.own);
+                                 pack, plan.own, bf16);
         }
       }
     }

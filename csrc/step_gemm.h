@@ -29,5 +29,20 @@ void step_gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
 // Whether this build and CPU can run step_gemm_avx512.
 bool step_gemm_available();
 
+// The bf16 variant (csrc/step_gemm_bf16.cpp), for layers whose A and B values are bf16: B packed
+// as bf16 pairs by step_gemm_pack_bf16 (step_gemm_packed_bf16_elements(k, n) of them), A read as
+// float32 holding bf16 values. Needs AVX512-BF16
+// (step_gemm_bf16_available()).
+void step_gemm_pack_bf16(const float* b, int64_t ldb, bool transposed, int64_t k, int64_t n,
+                         uint16_t* packed);
+void step_gemm_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const uint16_t* packed, float* c, int64_t ldc, bool accumulate = false);
+bool step_gemm_bf16_available();
+
+// 16-bit elements of step_gemm_pack_bf16's packing of a [k, n] B.
+inline int64_t step_gemm_packed_bf16_elements(int64_t k, int64_t n) {
+  return (n + kStepGemmPanel - 1) / kStepGemmPanel * kStepGemmPanel * ((k + 1) / 2) * 2;
+}
+
 }  // namespace cpu
 }  // namespace fastlstm

@@ -1,0 +1,178 @@
+// The bf16 variant of the step GEMM (csrc/step_gemm.h) for bf16 layers: W (exactly representable
+// in bf16: the layer's bf16 weights) packed once as bf16 pairs, A (h and x of a bf16 layer, whose
+// float32 copies hold bf16 values) converted to pairs a row block at a time, and
+// _mm512_dpbf16_ps (AVX512-BF16), which multiplies two bf16 pairs per float32 lane at twice the
+// float32 FMA rate. The products of bf16 values are exact in float32, so this computes what the
+// float32 kernel computes on the same values, up to the order of the additions (a pair is summed
+// before it is added) and denormals (flushed).
+//
+// Packing: panel p of kStepGemmPanel columns holds, for each pair of rows (2q, 2q + 1) of B, the
+// 32 columns as 32-bit lanes (low half row 2q, high half row 2q + 1; a missing last row is 0):
+// [panel][pair][32 columns][2].
+#include "step_gemm.h"
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace fastlstm {
+namespace cpu {
+namespace {
+
+// float -> bf16, rounding to nearest even (exact for values bf16 can hold); NaN stays NaN.
+inline uint16_t to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace
+
+void step_gemm_pack_bf16(const float* b, int64_t ldb, bool transposed, int64_t k, int64_t n,
+                         uint16_t* packed) {
+  const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel, pairs = (k + 1) / 2;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t j0 = p * kStepGemmPanel, width = std::min(kStepGemmPanel, n - j0);
+    for (int64_t q = 0; q < pairs; ++q) {
+      uint16_t* out = packed + (p * pairs + q) * kStepGemmPanel * 2;
+      for (int64_t j = 0; j < kStepGemmPanel; ++j) {
+        for (int64_t half = 0; half < 2; ++half) {
+          const int64_t kk = 2 * q + half;
+          float value = 0.0f;
+          if (j < width && kk < k) value = transposed ? b[(j0 + j) * ldb + kk] : b[kk * ldb + j0 + j];
+          out[2 * j + half] = to_bf16(value);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastlstm
+
+// Everything below is compiled for AVX-512 with BF16 (the packing above runs anywhere).
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")
+#include <immintrin.h>
+#define FASTLSTM_STEP_GEMM_BF16 1
+#endif
+
+namespace fastlstm {
+namespace cpu {
+
+#ifdef FASTLSTM_STEP_GEMM_BF16
+
+bool step_gemm_bf16_available() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+namespace {
+
+constexpr int kMaxRows = 12;
+constexpr int64_t kDepthPairs = 128;  // 256 rows of B per K block, as the float32 kernel
+
+template <int kRows>
+inline void micro_kernel_bf16(int64_t pairs, const uint32_t* a, const uint16_t* panel, float* c,
+                              int64_t ldc, bool accumulate, __mmask16 mask0, __mmask16 mask1) {
+  __m512 acc[kRows][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) {
+    if (accumulate) {
+      acc[r][0] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
+      acc[r][1] = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);
+    } else {
+      acc[r][0] = _mm512_setzero_ps();
+      acc[r][1] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + q * kStepGemmPanel * 2);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + q * kStepGemmPanel * 2 + 32);
+#pragma GCC unroll 12
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * kDepthPairs + q]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, mask0, acc[r][0]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc[r][1]);
+  }
+}
+
+using MicroKernel = void (*)(int64_t, const uint32_t*, const uint16_t*, float*, int64_t, bool,
+                             __mmask16, __mmask16);
+
+template <int... kRows>
+constexpr auto make_kernels(std::integer_sequence<int, kRows...>) {
+  return std::array<MicroKernel, sizeof...(kRows)>{&micro_kernel_bf16<kRows + 1>...};
+}
+
+inline __mmask16 columns_mask(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+inline uint32_t bf16_pair(float low, float high) {
+  uint32_t lo, hi;
+  std::memcpy(&lo, &low, sizeof(lo));
+  std::memcpy(&hi, &high, sizeof(hi));
+  // Values of a bf16 layer: exact in bf16, so dropping the low half rounds nothing.
+  return (lo >> 16) | (hi & 0xFFFF0000u);
+}
+
+}  // namespace
+
+void step_gemm_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const uint16_t* packed, float* c, int64_t ldc, bool accumulate) {
+  static constexpr auto kernels = make_kernels(std::make_integer_sequence<int, kMaxRows>{});
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; !accumulate && i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
+    return;
+  }
+  const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel, pairs_total = (k + 1) / 2;
+  uint32_t a_pairs[kMaxRows * kDepthPairs];  // one row block's A for one K block, as pairs
+  for (int64_t k0 = 0; k0 < k; k0 += 2 * kDepthPairs) {
+    const int64_t depth = std::min(2 * kDepthPairs, k - k0), pairs = (depth + 1) / 2;
+    const bool add_to_c = accumulate || k0 > 0;
+    for (int64_t i = 0, blocks = (m + kMaxRows - 1) / kMaxRows; i < m; --blocks) {
+      const int64_t rows = (m - i + blocks - 1) / blocks;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = a + (i + r) * lda + k0;
+        for (int64_t q = 0; q < pairs; ++q) {
+          const int64_t kk = 2 * q;
+          a_pairs[r * kDepthPairs + q] = bf16_pair(row[kk], kk + 1 < depth ? row[kk + 1] : 0.0f);
+        }
+      }
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t j0 = p * kStepGemmPanel;
+        const uint16_t* panel = packed + (p * pairs_total + k0 / 2) * kStepGemmPanel * 2;
+        kernels[rows - 1](pairs, a_pairs, panel, c + i * ldc + j0, ldc, add_to_c,
+                          columns_mask(n - j0), columns_mask(n - j0 - 16));
+      }
+      i += rows;
+    }
+  }
+}
+
+#else
+
+bool step_gemm_bf16_available() { return false; }
+
+void step_gemm_bf16(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, float*,
+                    int64_t, bool) {
+  std::abort();  // callers check step_gemm_bf16_available() first
+}
+
+#endif
+
+}  // namespace cpu
+}  // namespace fastlstm
