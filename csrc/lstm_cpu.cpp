@@ -183,46 +183,48 @@ class FixedRightGemm {
   FixedRightGemm(const FixedRightGemm&) = delete;
   FixedRightGemm& operator=(const FixedRightGemm&) = delete;
 
-  // Call from the thread that will run the products (MKL packs for that thread count). With
-  // `own` (float32 only), B is packed for fastlstm's AVX-512 kernel instead (csrc/step_gemm.h),
-  // which then runs every product, whatever its row count; with `bf16` too (a bf16 layer: A and
-  // B hold bf16 values) for its AVX512-BF16 variant, where the CPU has it.
+  // For fastlstm's own step GEMM (csrc/step_gemm.h; float32 only): the memory of B's packed copy,
+  // in the AVX512-BF16 kernel's packing with `bf16` (a bf16 layer: A and B hold bf16 values)
+  // where the CPU has it. Called outside the parallel region, so that a failed allocation raises
+  // normally; pack_own() then fills it inside, and the kernel runs every product, whatever its
+  // row count.
+  void reserve_own(int64_t k, int64_t n, bool bf16) {
+    static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value);
+    if constexpr (std::is_same<T, float>::value) {
+      if (k <= 0 || n <= 0) return;
+      if (bf16 && step_gemm_bf16_available()) {
+        storage_ = cached_empty({step_gemm_packed_bf16_elements(k, n)},
+                                at::TensorOptions(at::kBFloat16));
+        bf16_packed_ = reinterpret_cast<uint16_t*>(storage_.data_ptr<at::BFloat16>());
+      } else {
+        storage_ = cached_empty({step_gemm_packed_floats(k, n)}, at::TensorOptions(at::kFloat));
+        own_packed_ = storage_.data_ptr<float>();
+      }
+    }
+  }
+
+  // Packs B for the own kernel into the memory reserve_own() took; B is given as for prepare(),
+  // with `columns` saying which column (or, transposed, row) of `b` each of B's n columns is.
+  void pack_own(const T* b, int64_t ldb, bool b_transposed, int64_t k, int64_t n,
+                PackColumns columns) {
+    k_ = k;
+    n_ = n;
+    if constexpr (std::is_same<T, float>::value) {
+      if (bf16_packed_ != nullptr) step_gemm_pack_bf16(b, ldb, b_transposed, k, n, bf16_packed_,
+                                                       columns);
+      if (own_packed_ != nullptr) step_gemm_pack(b, ldb, b_transposed, k, n, own_packed_, columns);
+    }
+  }
+
+  // Call from the thread that will run the products (MKL packs for that thread count).
   void prepare(const T* b, int64_t ldb, bool b_transposed, int64_t m, int64_t k, int64_t n,
-               bool pack, bool own, bool bf16 = false) {
+               bool pack) {
     b_ = b;
     ldb_ = ldb;
     b_transposed_ = b_transposed;
     m_ = m;
     k_ = k;
     n_ = n;
-    if constexpr (std::is_same<T, float>::value) {
-      if (pack && own && bf16 && k > 0 && n > 0 && step_gemm_bf16_available()) {
-        try {
-          storage_ = cached_empty({step_gemm_packed_bf16_elements(k, n)},
-                                  at::TensorOptions(at::kBFloat16));
-          bf16_packed_ = reinterpret_cast<uint16_t*>(storage_.data_ptr<at::BFloat16>());
-        } catch (...) {
-          bf16_packed_ = nullptr;
-        }
-        if (bf16_packed_ != nullptr) {
-          step_gemm_pack_bf16(b, ldb, b_transposed, k, n, bf16_packed_);
-          return;
-        }
-      }
-      if (pack && own && k > 0 && n > 0) {
-        // As below: nothing may throw inside the parallel region.
-        try {
-          storage_ = cached_empty({step_gemm_packed_floats(k, n)}, at::TensorOptions(at::kFloat));
-          own_packed_ = storage_.data_ptr<float>();
-        } catch (...) {
-          own_packed_ = nullptr;
-        }
-        if (own_packed_ != nullptr) {
-          step_gemm_pack(b, ldb, b_transposed, k, n, own_packed_);
-          return;
-        }
-      }
-    }
 #ifdef FASTLSTM_DIRECT_BLAS
     if constexpr (std::is_same<T, float>::value) {
       if (pack && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
@@ -522,13 +524,16 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   // copied into a contiguous [H, 4 n_k] block (its units' i, f, g, o pre-activations) at offset
   // 4 H u_k; otherwise every part uses all of W_hh^T, read as the transpose of W_hh. The same
   // for W_ih when the projection is fused.
+  // The own step GEMM packs each part's columns straight from W (pack_own with a column map);
+  // the BLAS takes them as one contiguous block per part, copied here.
   const bool by_unit_blocks = !split.by_rows && parts > 1;
-  Tensor packed = by_unit_blocks ? cached_empty({hidden, 4 * hidden}, w_hh.options()) : w_hh;
-  if (by_unit_blocks) copy_unit_blocks<T>(w_hh, hidden, split, packed);
+  const bool copy_blocks = by_unit_blocks && !plan.own;
+  Tensor packed = copy_blocks ? cached_empty({hidden, 4 * hidden}, w_hh.options()) : w_hh;
+  if (copy_blocks) copy_unit_blocks<T>(w_hh, hidden, split, packed);
   Tensor packed_ih;
   if (fused) {
-    packed_ih = by_unit_blocks ? cached_empty({input_size, 4 * hidden}, w_ih->options()) : *w_ih;
-    if (by_unit_blocks) copy_unit_blocks<T>(*w_ih, hidden, split, packed_ih);
+    packed_ih = copy_blocks ? cached_empty({input_size, 4 * hidden}, w_ih->options()) : *w_ih;
+    if (copy_blocks) copy_unit_blocks<T>(*w_ih, hidden, split, packed_ih);
   }
   // h_prev @ W_hh^T of the step: by units, part k's [B, 4 n_k] at offset 4 B u_k; by rows,
   // one [B, 4H] matrix.
@@ -546,23 +551,35 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   PartBarrier barrier(parts);
   std::vector<FixedRightGemm<T>> products(parts);
   std::vector<FixedRightGemm<T>> projections(fused ? parts : 0);
+  for (int64_t k = 0; plan.own && k < parts; ++k) {
+    const int64_t n = split.unit_end(k, hidden) - split.unit_begin(k);
+    products[k].reserve_own(hidden, 4 * n, bf16);
+    if (fused) projections[k].reserve_own(input_size, 4 * n, bf16);
+  }
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t k = part_begin; k < part_end; ++k) {
       const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
       const int64_t rows = split.row_end(k, batch) - split.row_begin(k, batch);
-      if (by_unit_blocks) {
+      if (plan.own) {
+        // Column j of the part's B is gate j / n of unit u0 + j % n: row (j / n) H + u0 + j % n
+        // of W (all of W, in order, when the part has every unit).
+        const PackColumns columns{n, hidden, u0};
+        products[k].pack_own(packed_data, hidden, true, hidden, 4 * n, columns);
+        if (fused) {
+          projections[k].pack_own(packed_ih_data, input_size, true, input_size, 4 * n, columns);
+        }
+      } else if (by_unit_blocks) {
         products[k].prepare(packed_data + hidden * 4 * u0, 4 * n, false, rows, hidden, 4 * n,
-                            pack, plan.own, bf16);
+                            pack);
         if (fused) {
           projections[k].prepare(packed_ih_data + input_size * 4 * u0, 4 * n, false, rows,
-                                 input_size, 4 * n, pack, plan.own, bf16);
+                                 input_size, 4 * n, pack);
         }
       } else {
-        products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack, plan.own,
-                            bf16);
+        products[k].prepare(packed_data, hidden, true, rows, hidden, 4 * hidden, pack);
         if (fused) {
           projections[k].prepare(packed_ih_data, input_size, true, rows, input_size, 4 * hidden,
-                                 pack, plan.own, bf16);
+                                 pack);
         }
       }
     }
@@ -658,7 +675,7 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
   // W_hh by unit part: part k is the contiguous [4H, n_k] block of its units' columns, at offset
   // 4H u_k (by rows: W_hh itself).
   Tensor packed;
-  if (split.by_rows || parts == 1) {
+  if (split.by_rows || parts == 1 || plan.own) {  // the own GEMM packs straight from W_hh
     packed = w_hh;
   } else {
     packed = cached_empty({4 * hidden * hidden}, w_hh.options());
@@ -678,12 +695,21 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
   T* grad_xg_data = grad_xg.data_ptr<T>();
   PartBarrier barrier(parts);
   std::vector<FixedRightGemm<T>> products(parts);
+  for (int64_t k = 0; plan.own && k < parts; ++k) {
+    // The A of these products is the gate gradients, not bf16 values: the float32 kernel.
+    products[k].reserve_own(4 * hidden, split.unit_end(k, hidden) - split.unit_begin(k), false);
+  }
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t k = part_begin; k < part_end; ++k) {
       const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
-      products[k].prepare(packed_data + 4 * hidden * u0, n, false,
-                          split.row_end(k, batch) - split.row_begin(k, batch), 4 * hidden, n,
-                          pack, plan.own);
+      if (plan.own) {
+        // Column j of the part's B [4H, n] is column u0 + j of W_hh.
+        products[k].pack_own(packed_data, hidden, false, 4 * hidden, n, PackColumns{0, 0, u0});
+      } else {
+        products[k].prepare(packed_data + 4 * hidden * u0, n, false,
+                            split.row_end(k, batch) - split.row_begin(k, batch), 4 * hidden, n,
+                            pack);
+      }
     }
     // Backward visits the steps in the opposite order of the forward.
     for (int64_t s = steps - 1; s >= 0; --s) {

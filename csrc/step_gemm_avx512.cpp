@@ -18,17 +18,23 @@ namespace fastlstm {
 namespace cpu {
 
 void step_gemm_pack(const float* b, int64_t ldb, bool transposed, int64_t k, int64_t n,
-                    float* packed) {
+                    float* packed, PackColumns columns) {
   const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel;
   for (int64_t p = 0; p < panels; ++p) {
     float* panel = packed + p * k * kStepGemmPanel;
     const int64_t j0 = p * kStepGemmPanel, width = std::min(kStepGemmPanel, n - j0);
-    for (int64_t kk = 0; kk < k; ++kk) {
-      float* row = panel + kk * kStepGemmPanel;
-      for (int64_t j = 0; j < width; ++j) {
-        row[j] = transposed ? b[(j0 + j) * ldb + kk] : b[kk * ldb + j0 + j];
+    for (int64_t j = 0; j < kStepGemmPanel; ++j) {
+      if (j >= width) {  // padding columns
+        for (int64_t kk = 0; kk < k; ++kk) panel[kk * kStepGemmPanel + j] = 0.0f;
+        continue;
       }
-      for (int64_t j = width; j < kStepGemmPanel; ++j) row[j] = 0.0f;
+      const int64_t source = columns.source(j0 + j);
+      if (transposed) {  // a contiguous source row
+        const float* row = b + source * ldb;
+        for (int64_t kk = 0; kk < k; ++kk) panel[kk * kStepGemmPanel + j] = row[kk];
+      } else {
+        for (int64_t kk = 0; kk < k; ++kk) panel[kk * kStepGemmPanel + j] = b[kk * ldb + source];
+      }
     }
   }
 }

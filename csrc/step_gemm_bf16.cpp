@@ -33,19 +33,23 @@ inline uint16_t to_bf16(float value) {
 }  // namespace
 
 void step_gemm_pack_bf16(const float* b, int64_t ldb, bool transposed, int64_t k, int64_t n,
-                         uint16_t* packed) {
+                         uint16_t* packed, PackColumns columns) {
   const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel, pairs = (k + 1) / 2;
+  constexpr int64_t kPairStride = kStepGemmPanel * 2;  // 16-bit elements per pair of B's rows
   for (int64_t p = 0; p < panels; ++p) {
+    uint16_t* panel = packed + p * pairs * kPairStride;
     const int64_t j0 = p * kStepGemmPanel, width = std::min(kStepGemmPanel, n - j0);
-    for (int64_t q = 0; q < pairs; ++q) {
-      uint16_t* out = packed + (p * pairs + q) * kStepGemmPanel * 2;
-      for (int64_t j = 0; j < kStepGemmPanel; ++j) {
-        for (int64_t half = 0; half < 2; ++half) {
-          const int64_t kk = 2 * q + half;
-          float value = 0.0f;
-          if (j < width && kk < k) value = transposed ? b[(j0 + j) * ldb + kk] : b[kk * ldb + j0 + j];
-          out[2 * j + half] = to_bf16(value);
-        }
+    for (int64_t j = 0; j < kStepGemmPanel; ++j) {
+      uint16_t* out = panel + 2 * j;
+      if (j >= width) {  // padding columns
+        for (int64_t q = 0; q < pairs; ++q) out[q * kPairStride] = out[q * kPairStride + 1] = 0;
+        continue;
+      }
+      const int64_t source = columns.source(j0 + j);
+      for (int64_t kk = 0; kk < 2 * pairs; ++kk) {
+        const float value =
+            kk >= k ? 0.0f : transposed ? b[source * ldb + kk] : b[kk * ldb + source];
+        out[(kk / 2) * kPairStride + (kk % 2)] = to_bf16(value);
       }
     }
   }
