@@ -461,7 +461,8 @@ struct SplitPlan {
         pack(steps >= kPackMinSteps),
         own(uses_own_gemm(steps, element_size)) {}
 
-  // Whether a layer of `steps` steps packs its weights for the own step GEMM (float32 only).
+  // Whether a layer of `steps` steps packs its weights for the own step GEMM (float32
+  // arithmetic: float32 layers, and fp16 / bf16 ones on float32 copies).
   static bool uses_own_gemm(int64_t steps, int64_t element_size) {
     return steps >= kPackMinSteps && element_size == sizeof(float) && step_gemm_available() &&
            avoid_blas();
@@ -488,11 +489,6 @@ void copy_unit_blocks(const Tensor& w, int64_t hidden, const Partition& split, T
   }
 }
 
-// With `w_ih` (float32 on the own step GEMM only: plan.own), `input` is the layer input x [N, I]
-// and each part computes its own share of the step's x @ W_ih^T right before h @ W_hh^T, into the
-// same buffer: the [N, 4H] input gates are never written to memory and read back (at B=16,
-// H=512 that one large GEMM ran at 60% of the rate of the same product done a block at a time).
-// Otherwise `input` is the input gates [N, 4H].
 // h of rows [r0, r1), units [u0, u1) rounded to `Low` (fp16 / bf16) in place.
 template <typename Low>
 void round_through(float* h, int64_t ld, int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
@@ -502,6 +498,11 @@ void round_through(float* h, int64_t ld, int64_t r0, int64_t r1, int64_t u0, int
   }
 }
 
+// With `w_ih` (only where the own step GEMM runs: plan.own), `input` is the layer input x [N, I]
+// and each part computes its own share of the step's x @ W_ih^T right before h @ W_hh^T, into the
+// same buffer: the [N, 4H] input gates are never written to memory and read back (at B=16,
+// H=512 that one large GEMM ran at 60% of the rate of the same product done a block at a time).
+// Otherwise `input` is the input gates [N, 4H].
 // With `round_h` fp16 or bf16 (T float32 only), every step's h is rounded to that dtype as soon as
 // it is computed: the contract's float32 computation for fp16 / bf16 inputs, on float32 copies.
 template <typename T>
@@ -520,12 +521,11 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
   // A bf16 layer: h (rounded every step), h0, x and the weights all hold bf16 values, so the
   // products (whose A is h or x) can run on the AVX512-BF16 step kernel.
   const bool bf16 = round_h == at::kBFloat16;
-  // Each part multiplies by the columns of W_hh^T of its units. Split by units, part k's are
-  // copied into a contiguous [H, 4 n_k] block (its units' i, f, g, o pre-activations) at offset
-  // 4 H u_k; otherwise every part uses all of W_hh^T, read as the transpose of W_hh. The same
-  // for W_ih when the projection is fused.
-  // The own step GEMM packs each part's columns straight from W (pack_own with a column map);
-  // the BLAS takes them as one contiguous block per part, copied here.
+  // Each part multiplies by the columns of W_hh^T of its units (and of W_ih^T when the
+  // projection is fused). The own step GEMM packs them straight from W (pack_own with a column
+  // map). For the BLAS, split by units, part k's are copied into a contiguous [H, 4 n_k] block
+  // (its units' i, f, g, o pre-activations) at offset 4 H u_k; otherwise every part uses all of
+  // W_hh^T, read as the transpose of W_hh.
   const bool by_unit_blocks = !split.by_rows && parts > 1;
   const bool copy_blocks = by_unit_blocks && !plan.own;
   Tensor packed = copy_blocks ? cached_empty({hidden, 4 * hidden}, w_hh.options()) : w_hh;
