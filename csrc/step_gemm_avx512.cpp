@@ -47,6 +47,7 @@ void step_gemm_pack(const float* b, int64_t ldb, bool transposed, int64_t k, int
 #pragma GCC target("avx2,fma,avx512f")
 #include <immintrin.h>
 #define FASTLSTM_STEP_GEMM_AVX512 1
+#include "step_gemm_blocks.h"
 #endif
 
 namespace fastlstm {
@@ -61,64 +62,54 @@ bool step_gemm_available() {
 
 namespace {
 
-constexpr int kMaxRows = 12;
+using namespace step_gemm_blocks;
+
 constexpr int64_t kDepth = 256;
 
 // c[kRows, 32] (+)= a[kRows, depth] @ panel[depth, 32]; `mask0` / `mask1` select the valid
 // columns of each 16-column half.
 template <int kRows>
-inline void micro_kernel(int64_t depth, const float* a, int64_t lda, const float* panel, float* c,
-                         int64_t ldc, bool accumulate, __mmask16 mask0, __mmask16 mask1) {
-  __m512 acc[kRows][2];
-#pragma GCC unroll 12
-  for (int r = 0; r < kRows; ++r) {
-    if (accumulate) {
-      acc[r][0] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
-      acc[r][1] = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);
-    } else {
-      acc[r][0] = _mm512_setzero_ps();
-      acc[r][1] = _mm512_setzero_ps();
-    }
-  }
-  for (int64_t kk = 0; kk < depth; ++kk) {
-    const __m512 b0 = _mm512_loadu_ps(panel + kk * kStepGemmPanel);
-    const __m512 b1 = _mm512_loadu_ps(panel + kk * kStepGemmPanel + 16);
+struct MicroKernel {
+  static void run(int64_t depth, const float* a, int64_t lda, const float* panel, float* c,
+                  int64_t ldc, bool accumulate, __mmask16 mask0, __mmask16 mask1) {
+    __m512 acc[kRows][2];
 #pragma GCC unroll 12
     for (int r = 0; r < kRows; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + kk]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      if (accumulate) {
+        acc[r][0] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
+        acc[r][1] = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);
+      } else {
+        acc[r][0] = _mm512_setzero_ps();
+        acc[r][1] = _mm512_setzero_ps();
+      }
+    }
+    for (int64_t kk = 0; kk < depth; ++kk) {
+      const __m512 b0 = _mm512_loadu_ps(panel + kk * kStepGemmPanel);
+      const __m512 b1 = _mm512_loadu_ps(panel + kk * kStepGemmPanel + 16);
+#pragma GCC unroll 12
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * lda + kk]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < kRows; ++r) {
+      _mm512_mask_storeu_ps(c + r * ldc, mask0, acc[r][0]);
+      _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc[r][1]);
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < kRows; ++r) {
-    _mm512_mask_storeu_ps(c + r * ldc, mask0, acc[r][0]);
-    _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc[r][1]);
-  }
-}
+};
 
-using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool,
-                             __mmask16, __mmask16);
-
-template <int... kRows>
-constexpr auto make_kernels(std::integer_sequence<int, kRows...>) {
-  return std::array<MicroKernel, sizeof...(kRows)>{&micro_kernel<kRows + 1>...};
-}
-
-inline __mmask16 columns_mask(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
-}
+using MicroKernelPointer = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t,
+                                    bool, __mmask16, __mmask16);
 
 }  // namespace
 
 void step_gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                       const float* packed, float* c, int64_t ldc, bool accumulate) {
-  static constexpr auto kernels = make_kernels(std::make_integer_sequence<int, kMaxRows>{});
-  if (m <= 0 || n <= 0) return;
-  if (k <= 0) {
-    for (int64_t i = 0; !accumulate && i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
-    return;
-  }
+  static constexpr auto kernels = kernel_table<MicroKernelPointer, MicroKernel>();
+  if (empty_product(m, n, k, c, ldc, accumulate)) return;
   const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel;
   for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
     const int64_t depth = std::min(kDepth, k - k0);
@@ -127,14 +118,10 @@ void step_gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
       const int64_t j0 = p * kStepGemmPanel;
       const __mmask16 mask0 = columns_mask(n - j0), mask1 = columns_mask(n - j0 - 16);
       const float* panel = packed + p * k * kStepGemmPanel + k0 * kStepGemmPanel;
-      // Rows in blocks of nearly equal size (16 rows: 8 + 8, not 12 + 4, whose 4-row block
-      // would do 8 FMAs per two panel loads).
-      for (int64_t i = 0, blocks = (m + kMaxRows - 1) / kMaxRows; i < m; --blocks) {
-        const int64_t rows = (m - i + blocks - 1) / blocks;
+      for_row_blocks(m, [&](int64_t i, int64_t rows) {
         kernels[rows - 1](depth, a + i * lda + k0, lda, panel, c + i * ldc + j0, ldc, add_to_c,
                           mask0, mask1);
-        i += rows;
-      }
+      });
     }
   }
 }

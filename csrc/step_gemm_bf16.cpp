@@ -63,6 +63,7 @@ void step_gemm_pack_bf16(const float* b, int64_t ldb, bool transposed, int64_t k
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")
 #include <immintrin.h>
 #define FASTLSTM_STEP_GEMM_BF16 1
+#include "step_gemm_blocks.h"
 #endif
 
 namespace fastlstm {
@@ -78,51 +79,47 @@ bool step_gemm_bf16_available() {
 
 namespace {
 
-constexpr int kMaxRows = 12;
+using namespace step_gemm_blocks;
+
 constexpr int64_t kDepthPairs = 128;  // 256 rows of B per K block, as the float32 kernel
 
+// c[kRows, 32] (+)= a[kRows, pairs] @ panel[pairs, 32] with A and the panel as bf16 pairs; A's
+// rows are kDepthPairs apart.
 template <int kRows>
-inline void micro_kernel_bf16(int64_t pairs, const uint32_t* a, const uint16_t* panel, float* c,
-                              int64_t ldc, bool accumulate, __mmask16 mask0, __mmask16 mask1) {
-  __m512 acc[kRows][2];
-#pragma GCC unroll 12
-  for (int r = 0; r < kRows; ++r) {
-    if (accumulate) {
-      acc[r][0] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
-      acc[r][1] = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);
-    } else {
-      acc[r][0] = _mm512_setzero_ps();
-      acc[r][1] = _mm512_setzero_ps();
-    }
-  }
-  for (int64_t q = 0; q < pairs; ++q) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + q * kStepGemmPanel * 2);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + q * kStepGemmPanel * 2 + 32);
+struct MicroKernel {
+  static void run(int64_t pairs, const uint32_t* a, const uint16_t* panel, float* c, int64_t ldc,
+                  bool accumulate, __mmask16 mask0, __mmask16 mask1) {
+    __m512 acc[kRows][2];
 #pragma GCC unroll 12
     for (int r = 0; r < kRows; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * kDepthPairs + q]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      if (accumulate) {
+        acc[r][0] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
+        acc[r][1] = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);
+      } else {
+        acc[r][0] = _mm512_setzero_ps();
+        acc[r][1] = _mm512_setzero_ps();
+      }
+    }
+    for (int64_t q = 0; q < pairs; ++q) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + q * kStepGemmPanel * 2);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + q * kStepGemmPanel * 2 + 32);
+#pragma GCC unroll 12
+      for (int r = 0; r < kRows; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * kDepthPairs + q]));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < kRows; ++r) {
+      _mm512_mask_storeu_ps(c + r * ldc, mask0, acc[r][0]);
+      _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc[r][1]);
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < kRows; ++r) {
-    _mm512_mask_storeu_ps(c + r * ldc, mask0, acc[r][0]);
-    _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc[r][1]);
-  }
-}
+};
 
-using MicroKernel = void (*)(int64_t, const uint32_t*, const uint16_t*, float*, int64_t, bool,
-                             __mmask16, __mmask16);
-
-template <int... kRows>
-constexpr auto make_kernels(std::integer_sequence<int, kRows...>) {
-  return std::array<MicroKernel, sizeof...(kRows)>{&micro_kernel_bf16<kRows + 1>...};
-}
-
-inline __mmask16 columns_mask(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
-}
+using MicroKernelPointer = void (*)(int64_t, const uint32_t*, const uint16_t*, float*, int64_t,
+                                    bool, __mmask16, __mmask16);
 
 inline uint32_t bf16_pair(float low, float high) {
   uint32_t lo, hi;
@@ -136,19 +133,14 @@ inline uint32_t bf16_pair(float low, float high) {
 
 void step_gemm_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                     const uint16_t* packed, float* c, int64_t ldc, bool accumulate) {
-  static constexpr auto kernels = make_kernels(std::make_integer_sequence<int, kMaxRows>{});
-  if (m <= 0 || n <= 0) return;
-  if (k <= 0) {
-    for (int64_t i = 0; !accumulate && i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
-    return;
-  }
+  static constexpr auto kernels = kernel_table<MicroKernelPointer, MicroKernel>();
+  if (empty_product(m, n, k, c, ldc, accumulate)) return;
   const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel, pairs_total = (k + 1) / 2;
   uint32_t a_pairs[kMaxRows * kDepthPairs];  // one row block's A for one K block, as pairs
   for (int64_t k0 = 0; k0 < k; k0 += 2 * kDepthPairs) {
     const int64_t depth = std::min(2 * kDepthPairs, k - k0), pairs = (depth + 1) / 2;
     const bool add_to_c = accumulate || k0 > 0;
-    for (int64_t i = 0, blocks = (m + kMaxRows - 1) / kMaxRows; i < m; --blocks) {
-      const int64_t rows = (m - i + blocks - 1) / blocks;
+    for_row_blocks(m, [&](int64_t i, int64_t rows) {
       for (int64_t r = 0; r < rows; ++r) {
         const float* row = a + (i + r) * lda + k0;
         for (int64_t q = 0; q < pairs; ++q) {
@@ -162,8 +154,7 @@ void step_gemm_bf16(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
         kernels[rows - 1](pairs, a_pairs, panel, c + i * ldc + j0, ldc, add_to_c,
                           columns_mask(n - j0), columns_mask(n - j0 - 16));
       }
-      i += rows;
-    }
+    });
   }
 }
 

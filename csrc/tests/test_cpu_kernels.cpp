@@ -282,88 +282,30 @@ void test_dot_kernels() {
   check_dot_kernels("dispatched", fastlstm::cpu::decode_kernels());
 }
 
-// The AVX-512 step GEMM against a double-precision product: every row count up to past two
+// One step GEMM kernel against a double-precision product: every row count up to past two
 // register blocks (each remainder kernel), column counts around the 16- and 32-wide masks, depths
-// around its K blocks, B packed from both layouts, and leading dimensions wider than the matrices.
-void test_step_gemm() {
-  if (!fastlstm::cpu::step_gemm_available()) {
-    std::printf("step_gemm: no AVX-512 on this CPU, not tested\n");
-    return;
-  }
-  const int64_t rows_list[] = {1, 2, 5, 11, 12, 13, 24, 25, 37};
-  const int64_t cols_list[] = {1, 15, 16, 17, 32, 33, 64, 100};
-  const int64_t depth_list[] = {1, 7, 255, 256, 257, 600};
-  std::vector<float> a, b, c, packed;
-  uint32_t state = 12345;
-  auto next = [&state] {
-    state = state * 1664525u + 1013904223u;
-    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / float(1 << 23);
-  };
-  for (const int64_t m : rows_list) {
-    for (const int64_t n : cols_list) {
-      for (const int64_t k : depth_list) {
-        for (const bool transposed : {false, true}) {
-          // Accumulating into c (c += a @ B) on alternate cases.
-          const bool accumulate = ((m + n + k) % 2 == 1) == transposed;
-          const int64_t lda = k + 3, ldc = n + 5, ldb = (transposed ? k : n) + 2;
-          a.resize(m * lda);
-          b.resize((transposed ? n : k) * ldb);
-          for (float& v : a) v = next();
-          for (float& v : b) v = next();
-          c.assign(m * ldc, 7.0f);  // columns past n must keep this
-          const float start = accumulate ? 0.5f : 0.0f;
-          for (int64_t i = 0; accumulate && i < m; ++i) std::fill_n(&c[i * ldc], n, start);
-          packed.assign(fastlstm::cpu::step_gemm_packed_floats(k, n), -1.0f);
-          fastlstm::cpu::step_gemm_pack(b.data(), ldb, transposed, k, n, packed.data());
-          fastlstm::cpu::step_gemm_avx512(m, n, k, a.data(), lda, packed.data(), c.data(), ldc,
-                                          accumulate);
-          double worst = 0.0;
-          bool padding_kept = true;
-          for (int64_t i = 0; i < m; ++i) {
-            for (int64_t j = 0; j < n; ++j) {
-              double expected = start;
-              for (int64_t kk = 0; kk < k; ++kk) {
-                const double bv = transposed ? b[j * ldb + kk] : b[kk * ldb + j];
-                expected += static_cast<double>(a[i * lda + kk]) * bv;
-              }
-              worst = std::max(worst, std::fabs(expected - c[i * ldc + j]));
-            }
-            for (int64_t j = n; j < ldc; ++j) padding_kept &= c[i * ldc + j] == 7.0f;
-          }
-          const std::string what = "step_gemm m=" + std::to_string(m) + " n=" +
-                                   std::to_string(n) + " k=" + std::to_string(k) +
-                                   (transposed ? " (B transposed)" : "") +
-                                   (accumulate ? " (accumulating)" : "");
-          expect(worst <= 1e-5 * std::sqrt(static_cast<double>(k)) + 1e-6,
-                 what + ": max abs error " + std::to_string(worst));
-          expect(padding_kept, what + ": wrote past column n");
-        }
-      }
-    }
-  }
-}
-
-// The AVX512-BF16 step GEMM on values bf16 holds exactly (as in a bf16 layer), against a double
-// product: the same grid of shapes as the float32 kernel.
-void test_step_gemm_bf16() {
-  if (!fastlstm::cpu::step_gemm_bf16_available()) {
-    std::printf("step_gemm_bf16: no AVX512-BF16 on this CPU, not tested\n");
-    return;
-  }
+// around its K blocks, B packed from both layouts, accumulating into c on alternate cases, and
+// leading dimensions wider than the matrices. `Packed` is the packing's element type; `bf16_values`
+// draws values bf16 holds exactly (as in a bf16 layer, what the bf16 kernel is for).
+template <typename Packed, typename PackedSize, typename Pack, typename Gemm>
+void check_step_gemm(const char* name, bool bf16_values, PackedSize packed_size, Pack pack,
+                     Gemm gemm) {
   const int64_t rows_list[] = {1, 2, 5, 11, 12, 13, 24, 25, 37};
   const int64_t cols_list[] = {1, 15, 16, 17, 32, 33, 64, 100};
   const int64_t depth_list[] = {1, 2, 7, 255, 256, 257, 600};
   std::vector<float> a, b, c;
-  std::vector<uint16_t> packed;
-  uint32_t state = 777;
-  auto next = [&state] {  // a random float with a zero low half: exact in bf16
+  std::vector<Packed> packed;
+  uint32_t state = 12345;
+  auto next = [&state, bf16_values] {
     state = state * 1664525u + 1013904223u;
     float value = static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) /
                   float(1 << 23);
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    bits &= 0xFFFF0000u;
-    std::memcpy(&value, &bits, sizeof(bits));
+    if (bf16_values) {
+      uint32_t bits;
+      std::memcpy(&bits, &value, sizeof(bits));
+      bits &= 0xFFFF0000u;
+      std::memcpy(&value, &bits, sizeof(bits));
+    }
     return value;
   };
   for (const int64_t m : rows_list) {
@@ -376,13 +318,12 @@ void test_step_gemm_bf16() {
           b.resize((transposed ? n : k) * ldb);
           for (float& v : a) v = next();
           for (float& v : b) v = next();
-          c.assign(m * ldc, 7.0f);
+          c.assign(m * ldc, 7.0f);  // columns past n must keep this
           const float start = accumulate ? 0.5f : 0.0f;
           for (int64_t i = 0; accumulate && i < m; ++i) std::fill_n(&c[i * ldc], n, start);
-          packed.assign(fastlstm::cpu::step_gemm_packed_bf16_elements(k, n), 0xFFFF);
-          fastlstm::cpu::step_gemm_pack_bf16(b.data(), ldb, transposed, k, n, packed.data());
-          fastlstm::cpu::step_gemm_bf16(m, n, k, a.data(), lda, packed.data(), c.data(), ldc,
-                                        accumulate);
+          packed.assign(packed_size(k, n), Packed(0xFF));
+          pack(b.data(), ldb, transposed, k, n, packed.data());
+          gemm(m, n, k, a.data(), lda, packed.data(), c.data(), ldc, accumulate);
           double worst = 0.0;
           bool padding_kept = true;
           for (int64_t i = 0; i < m; ++i) {
@@ -396,7 +337,7 @@ void test_step_gemm_bf16() {
             }
             for (int64_t j = n; j < ldc; ++j) padding_kept &= c[i * ldc + j] == 7.0f;
           }
-          const std::string what = "step_gemm_bf16 m=" + std::to_string(m) + " n=" +
+          const std::string what = std::string(name) + " m=" + std::to_string(m) + " n=" +
                                    std::to_string(n) + " k=" + std::to_string(k) +
                                    (transposed ? " (B transposed)" : "") +
                                    (accumulate ? " (accumulating)" : "");
@@ -406,6 +347,35 @@ void test_step_gemm_bf16() {
         }
       }
     }
+  }
+}
+
+void test_step_gemm() {
+  if (fastlstm::cpu::step_gemm_available()) {
+    check_step_gemm<float>(
+        "step_gemm", false, fastlstm::cpu::step_gemm_packed_floats,
+        [](const float* b, int64_t ldb, bool t, int64_t k, int64_t n, float* packed) {
+          fastlstm::cpu::step_gemm_pack(b, ldb, t, k, n, packed);
+        },
+        [](int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* packed,
+           float* c, int64_t ldc, bool accumulate) {
+          fastlstm::cpu::step_gemm_avx512(m, n, k, a, lda, packed, c, ldc, accumulate);
+        });
+  } else {
+    std::printf("step_gemm: no AVX-512 on this CPU, not tested\n");
+  }
+  if (fastlstm::cpu::step_gemm_bf16_available()) {
+    check_step_gemm<uint16_t>(
+        "step_gemm_bf16", true, fastlstm::cpu::step_gemm_packed_bf16_elements,
+        [](const float* b, int64_t ldb, bool t, int64_t k, int64_t n, uint16_t* packed) {
+          fastlstm::cpu::step_gemm_pack_bf16(b, ldb, t, k, n, packed);
+        },
+        [](int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* packed,
+           float* c, int64_t ldc, bool accumulate) {
+          fastlstm::cpu::step_gemm_bf16(m, n, k, a, lda, packed, c, ldc, accumulate);
+        });
+  } else {
+    std::printf("step_gemm_bf16: no AVX512-BF16 on this CPU, not tested\n");
   }
 }
 
@@ -425,7 +395,6 @@ int main() {
   test_bad_argument_is_reported();
   test_dot_kernels();
   test_step_gemm();
-  test_step_gemm_bf16();
   if (failures == 0) std::printf("all CPU kernel tests passed\n");
   return failures == 0 ? 0 : 1;
 }
