@@ -73,22 +73,20 @@ bool avoid_blas() {
 
 namespace {
 
-bool use_onednn(const Tensor& a, const Tensor& b, const Tensor& result) {
+// Whether a @ b (and its result, of the same dtype) runs on oneDNN.
+bool use_onednn(const Tensor& a, const Tensor& b) {
   if (!avoid_blas()) return false;
   if (&at::native::mkldnn_matmul == nullptr || onednn_failed.load(std::memory_order_relaxed) ||
       !at::globalContext().userEnabledMkldnn()) {
     return false;
   }
-  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
-      result.scalar_type() != at::kFloat) {
-    return false;
-  }
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat) return false;
   return a.size(0) * a.size(1) * b.size(1) >= kMinOneDnnMacs;
 }
 
-// result = beta * result + a @ b, with result already of the right shape.
+// result = beta * result + a @ b, with result already of the right shape and a's dtype.
 void gemm_into(const Tensor& a, const Tensor& b, const Tensor& result, float beta) {
-  if (use_onednn(a, b, result)) {
+  if (use_onednn(a, b)) {
     try {
       if (beta == 0.0f) {
         at::native::mkldnn_matmul(a, b, result, 0.0f, 1.0f);
@@ -154,21 +152,16 @@ Tensor addmm_cpu(const Tensor& self, const Tensor& mat1, const Tensor& mat2) {
   return result;
 }
 
-
 // Which library self @ mat2 would run on now: "onednn" or "blas".
 std::string gemm_library_cpu(const Tensor& self, const Tensor& mat2) {
   check_matrices("fastlstm::gemm_library", self, "self", mat2, "mat2");
-  const Tensor result = at::empty({0}, self.options());
-  return use_onednn(self, mat2, result) ? "onednn" : "blas";
+  return use_onednn(self, mat2) ? "onednn" : "blas";
 }
 
 }  // namespace
 
 Tensor linear_product(const Tensor& input, const Tensor& weight) {
-  check_matrices("fastlstm::recurrence_forward (input projection)", input, "input", weight, "weight");
-  TORCH_CHECK(input.size(1) == weight.size(1), "fastlstm::recurrence_forward: x ", input.sizes(),
-              " and weight ", weight.sizes(), " do not match (input.size(1) == weight.size(1))");
-  return mm_cpu(input, weight.t());
+  return mm_cpu(input, weight.t());  // mm_cpu checks the operands
 }
 
 TORCH_LIBRARY_FRAGMENT(fastlstm, m) {

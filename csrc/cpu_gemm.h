@@ -12,7 +12,8 @@ namespace cpu {
 // outside parallel regions.
 bool avoid_blas();
 
-// input [N, K] @ weight[M, K]^T on the library avoid_blas() picks for the product.
+// input [N, K] @ weight[M, K]^T on the library avoid_blas() picks for the product (the caller has
+// checked the shapes; mismatches still raise, as from fastlstm::mm).
 at::Tensor linear_product(const at::Tensor& input, const at::Tensor& weight);
 
 }  // namespace cpu

@@ -846,29 +846,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be 2-D [P, hidden], got shape ", w_hr->sizes());
     check_tensor(op, *w_hr, "w_hr", "[P, hidden]", {proj, hidden}, dtype);
   }
-  bool fused = false;
-  Tensor xg = xg_in;
   if (w_ih.has_value()) {
     const int64_t input_size = xg_in.size(1);
     TORCH_CHECK(w_ih->dim() == 2, op, ": w_ih must be 2-D [4*hidden, input_size], got shape ",
                 w_ih->sizes());
     check_tensor(op, xg_in, "x", "[N, input_size]", {num_rows, input_size}, dtype);
     check_tensor(op, *w_ih, "w_ih", "[4*hidden, input_size]", {4 * hidden, input_size}, dtype);
-    const int64_t steps = batch_sizes.numel() != 0 ? batch_sizes.numel()
-                          : batch > 0              ? num_rows / batch
-                                                   : 0;
-    fused = !w_hr.has_value() && acc_dtype(dtype) == at::kFloat &&
-            SplitPlan::uses_own_gemm(steps, sizeof(float));
   } else {
-    check_tensor(op, xg, "xg", "[N, 4*hidden]", {num_rows, 4 * hidden}, dtype);
+    check_tensor(op, xg_in, "xg", "[N, 4*hidden]", {num_rows, 4 * hidden}, dtype);
   }
   check_tensor(op, c0, "c0", "[B, hidden]", {batch, hidden}, dtype);
   check_tensor(op, h0, "h0", "[B, P]", {batch, proj}, dtype);
   check_tensor(op, w_hh, "w_hh", "[4*hidden, P]", {4 * hidden, proj}, dtype);
   if (bias.has_value()) check_tensor(op, *bias, "bias", "[4*hidden]", {4 * hidden}, dtype);
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
-  // Every argument checked: the input projection, when not fused into the steps.
-  if (w_ih.has_value() && !fused) xg = linear_product(xg_in, *w_ih);
+  // Every argument checked: the input projection, fused into the steps where forward_split runs
+  // them on the own step GEMM, otherwise one product here.
+  const bool fused = w_ih.has_value() && !w_hr.has_value() && acc_dtype(dtype) == at::kFloat &&
+                     SplitPlan::uses_own_gemm(static_cast<int64_t>(sizes.size()), sizeof(float));
+  const Tensor xg = w_ih.has_value() && !fused ? linear_product(xg_in, *w_ih) : xg_in;
 
   const auto acc = acc_dtype(dtype);
   const auto acc_options = xg.options().dtype(acc);

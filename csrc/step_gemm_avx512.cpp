@@ -10,9 +10,7 @@
 #include "step_gemm.h"
 
 #include <algorithm>
-#include <array>
 #include <cstdlib>
-#include <utility>
 
 namespace fastlstm {
 namespace cpu {

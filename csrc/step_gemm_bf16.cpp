@@ -12,10 +12,8 @@
 #include "step_gemm.h"
 
 #include <algorithm>
-#include <array>
 #include <cstdlib>
 #include <cstring>
-#include <utility>
 
 namespace fastlstm {
 namespace cpu {
