@@ -33,6 +33,17 @@ def _autocast_dtype(device_type: str):
                 else torch.get_autocast_cpu_dtype())
 
 
+def _lstm_autocast_dtype(device_type: str):
+    """The dtype autocast runs nn.LSTM in. On CUDA with cuDNN that is float16 whatever autocast's
+    dtype: ATen's autocast wrapper of the cuDNN RNN casts to half (AutocastRNN.cpp), so
+    nn.LSTM under autocast(dtype=torch.bfloat16) returns float16, and so does fastlstm.LSTM."""
+    dtype = _autocast_dtype(device_type)
+    if (dtype is not None and device_type == "cuda" and torch.backends.cudnn.enabled
+            and torch.backends.cudnn.is_available()):
+        return torch.float16
+    return dtype
+
+
 def _autocast_cast(tensor, dtype):
     """What autocast does to one argument of a low-precision op: floating tensors become `dtype`,
     except float64 ones, which it leaves alone (as it does non-floating tensors)."""
@@ -109,6 +120,25 @@ class LSTM(_BackendChoice, nn.LSTM):
                 ))
         return weights
 
+    def _check_packed_hidden_traced(self, input, hx, batch_sizes, max_batch_size, real_hidden):
+        """check_forward_args for packed input while torch.compile traces. The packed batch size
+        (batch_sizes[0], read on the host) is a data-dependent size there, which nn.LSTM's
+        check_hidden_size cannot compare with hx's (the trace fails); the same checks are made
+        here with the batch size compared at run time instead (a tensor assertion), so a mismatch
+        still raises RuntimeError."""
+        self.check_input(input, batch_sizes)
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        for state, size, template in ((hx[0], real_hidden, "Expected hidden[0] size {}, got {}"),
+                                      (hx[1], self.hidden_size,
+                                       "Expected hidden[1] size {}, got {}")):
+            if isinstance(state, torch.Tensor) and state.dim() == 3:
+                # A tensor comparison, so the check stays in the graph and runs at every call.
+                torch._assert_async(batch_sizes[0] == state.size(1),
+                                    "LSTM: hx's batch size differs from the packed input's")
+                self.check_hidden_size(state, (layers, state.size(1), size), template)
+            else:
+                self.check_hidden_size(state, (layers, max_batch_size, size), template)
+
     def forward(self, input, hx=None):  # noqa: C901 - mirrors nn.LSTM.forward step by step
         if _bypass_fused():
             return super().forward(input, hx)
@@ -159,7 +189,11 @@ class LSTM(_BackendChoice, nn.LSTM):
                             "For unbatched 2-D input, hx and cx should also be 2-D but got "
                             f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-            self.check_forward_args(input, hx, batch_sizes)
+            if batch_sizes is not None and torch.compiler.is_compiling():
+                self._check_packed_hidden_traced(input, hx, batch_sizes, max_batch_size,
+                                                 real_hidden_size)
+            else:
+                self.check_forward_args(input, hx, batch_sizes)
             hx = self.permute_hidden(hx, sorted_indices)
             if not isinstance(hx, (tuple, list)):
                 # nn.LSTM passes hx on to its kernel, which takes only a tuple of tensors.
@@ -172,7 +206,7 @@ class LSTM(_BackendChoice, nn.LSTM):
         weights = self._layer_weights()
         _check_same_device(input, hx, "hidden")
         _check_same_device(input, [w for ws in weights for w in ws], "parameter")
-        autocast_dtype = _autocast_dtype(input.device.type)
+        autocast_dtype = _lstm_autocast_dtype(input.device.type)
         c_n_dtype = None
         if autocast_dtype is not None and input.is_floating_point():
             # What autocast does for nn.LSTM: run the whole op in the autocast dtype (float64

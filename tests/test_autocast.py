@@ -239,3 +239,21 @@ def test_cell_cuda(backend, dtype):
     for name, a, b, e in zip(("h", "c"), expected, got, exact):
         assert b.dtype == a.dtype, f"{name}: fastlstm gives {b.dtype}, nn.LSTMCell gives {a.dtype}"
         assert _max_err(b, e) <= 2 * _max_err(a, e) + _HALF_ULP[dtype], name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cudnn", [True, False])
+@pytest.mark.parametrize("backend", _backends_for("cuda"))
+def test_lstm_cuda_dtype_follows_cudnn(backend, cudnn):
+    """nn.LSTM's cuDNN path runs in float16 under autocast whatever autocast's dtype; without
+    cuDNN it runs in autocast's dtype. fastlstm.LSTM returns the same dtypes in both cases."""
+    reference = nn.LSTM(8, 16, device="cuda")
+    fast = fastlstm.LSTM(8, 16, device="cuda", backend=backend)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 3, 8, device="cuda")
+    with torch.backends.cudnn.flags(enabled=cudnn), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = reference(x)
+        got = fast(x)
+    assert expected[0].dtype == (torch.float16 if cudnn else torch.bfloat16)
+    for a, b in ((expected[0], got[0]), (expected[1][0], got[1][0]), (expected[1][1], got[1][1])):
+        assert b.dtype == a.dtype

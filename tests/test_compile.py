@@ -92,7 +92,8 @@ def _forward_backward(run, model, x):
     model.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
     outputs = run(x)
-    loss = sum((out.double() * torch.linspace(-1, 1, out.numel(), dtype=torch.float64)
+    loss = sum((out.double() * torch.linspace(-1, 1, out.numel(), dtype=torch.float64,
+                                              device=out.device)
                 .reshape(out.shape)).sum() for out in outputs)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -237,6 +238,29 @@ def test_lstm_model_fullgraph_cuda(backend):
         compiled(torch.randn(4, steps, 16, device="cuda"))
     expected = 4 if backend == "torch" else 1
     assert counter.frame_count == expected
+
+
+@pytest.mark.parametrize("backend", _backends("cpu", exclude=("triton", "torch")))
+def test_packed_input_with_state_compiles_for_new_batch_sizes(backend):
+    """Packed input with an initial state: the batch size read from batch_sizes is
+    data-dependent when the trace has dynamic shapes (the second batch size recompiles with
+    them); results equal eager's, and an hx of the wrong batch size still raises."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    model = fastlstm.LSTM(4, 6, batch_first=True, backend=backend)
+    compiled = torch.compile(model, fullgraph=True)
+    for batch, steps in ((5, 6), (4, 7), (3, 5)):
+        lengths = sorted((steps - i % steps for i in range(batch)), reverse=True)
+        packed = pack_padded_sequence(torch.randn(batch, steps, 4), torch.tensor(lengths),
+                                      batch_first=True)
+        hx = (torch.randn(1, batch, 6), torch.randn(1, batch, 6))
+        expected = model(packed, hx)
+        got = compiled(packed, hx)
+        torch.testing.assert_close(got[0].data, expected[0].data, atol=1e-6, rtol=1e-6)
+        for a, b in zip(got[1], expected[1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    wrong = (torch.randn(1, batch + 1, 6), torch.randn(1, batch + 1, 6))
+    with pytest.raises(RuntimeError):
+        compiled(packed, wrong)
 
 
 def test_backend_change_after_compile_is_seen():
