@@ -50,6 +50,72 @@ def _toolkit_root_of_nvcc():
     return None
 
 
+def elf_needed(path):
+    """The DT_NEEDED entries (shared libraries) of a 64-bit little-endian ELF file."""
+    import struct
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError(f"{path}: not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    needed = []
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+        if kind != 6:  # SHT_DYNAMIC
+            continue
+        strtab = sections[link][4]
+        for at in range(offset, offset + size, entsize or 16):
+            tag, value = struct.unpack_from("<qQ", data, at)
+            if tag == 0:
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strtab + value)
+                needed.append(data[strtab + value:end].decode())
+    return needed
+
+
+def _shared_libstdcxx_args():
+    """Link arguments that keep libstdc++ a shared library of fastlstm._C.
+
+    A compiler that has only a static libstdc++ beside it (a GCC installed under /opt, say)
+    copies libstdc++ into the extension. The process already has torch's shared libstdc++, and
+    with two copies in one process any error message that formats a number crashes (the
+    iostream facets of one copy are looked up in the other's locale): every TORCH_CHECK with a
+    size in it segfaults instead of raising. A trial link tells; if it comes out static, the
+    libstdc++ this process has loaded is linked explicitly, so the compiler's static copy
+    supplies nothing.
+    """
+    cxx = os.environ.get("CXX", "c++")
+    if sys.platform != "linux" or shutil.which(cxx) is None:
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        source = os.path.join(scratch, "probe.cpp")
+        library = os.path.join(scratch, "probe.so")
+        with open(source, "w") as handle:
+            handle.write("#include <sstream>\n#include <string>\n"
+                         "std::string probe(long v) { std::ostringstream s; s << v; "
+                         "return s.str(); }\n")
+        try:
+            subprocess.run([cxx, "-shared", "-fPIC", source, "-o", library], check=True,
+                           capture_output=True, timeout=120)
+            needed = elf_needed(library)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return []
+    if any(name.startswith("libstdc++") for name in needed):
+        return []
+    import torch  # noqa: F401  (loads the libstdc++ the extension will run with)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libstdc++.so"):
+                print(f"fastlstm: {cxx} links libstdc++ statically; linking {path} instead",
+                      file=sys.stderr)
+                return [path]
+    return []
+
+
 def _extensions():
     if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and \
             os.environ.get("FASTLSTM_BUILD_CUDA", "auto") != "0":
@@ -109,11 +175,12 @@ def _extensions():
             "fastlstm._C", cpp_sources + cu_sources, include_dirs=include_dirs,
             define_macros=define_macros + [("FASTLSTM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=["-fopenmp"] + _shared_libstdcxx_args())
     else:
         extension = cpp_extension.CppExtension(
             "fastlstm._C", cpp_sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"] + _shared_libstdcxx_args())
     if not with_cuda:
         why = ("FASTLSTM_BUILD_CUDA=0" if mode == "0" else
                "nvcc was not found" if not nvcc else f"torch {torch.__version__} is CPU-only")

@@ -239,6 +239,16 @@ if missing:
         print(f"build check: backend {name!r} cannot run on {device}: "
               f"{_backends.why_unavailable(name, device)}")
     sys.exit(1)
+# An error whose message formats numbers must raise, not crash (a second, static libstdc++ in
+# the extension crashes there; setup.py links the shared one).
+import torch
+try:
+    torch.ops.fastlstm.recurrence_forward(
+        torch.zeros(6, 32), torch.empty(0, dtype=torch.int64), torch.zeros(2, 8),
+        torch.zeros(2, 8), torch.zeros(32, 5), None, False, False)
+    sys.exit("build check: a bad w_hh shape was accepted")
+except RuntimeError as error:
+    print("error paths raise:", str(error).splitlines()[0][:100])
 PYEOF
 }
 export -f build build_and_probe

@@ -95,3 +95,56 @@ def test_cmake_build_and_ctest():
                                 capture_output=True, text=True)
         assert tested.returncode == 0, tested.stdout[-4000:] + tested.stderr[-4000:]
         assert "100% tests passed" in tested.stdout
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("fastlstm_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # main() is guarded: importing builds nothing
+    return module
+
+
+def test_extension_links_libstdcxx_shared():
+    """Two copies of libstdc++ in one process crash on the first error message that formats a
+    number: fastlstm._C must use the process's shared libstdc++, never a static copy."""
+    module = _backends.extension()
+    if module is None:
+        pytest.skip(f"fastlstm._C is not built: {_backends._import_extension()[1]}")
+    needed = _setup_module().elf_needed(module.__file__)
+    assert any(name.startswith("libstdc++") for name in needed), needed
+    # And an error path with numbers in its message raises (it is where a second copy crashed).
+    with pytest.raises(RuntimeError, match="w_hh"):
+        _forward_with_bad_w_hh()
+
+
+def _forward_with_bad_w_hh():
+    import torch
+    xg, h0, c0 = torch.zeros(6, 32), torch.zeros(2, 8), torch.zeros(2, 8)
+    torch.ops.fastlstm.recurrence_forward(xg, torch.empty(0, dtype=torch.int64), h0, c0,
+                                          torch.zeros(32, 5), None, False, False)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("g++") is None,
+                    reason="needs g++ on Linux")
+def test_static_libstdcxx_compiler_is_given_the_shared_one(tmp_path, monkeypatch):
+    """A compiler that links libstdc++ statically (here g++ -static-libstdc++) makes setup.py
+    link the process's shared libstdc++ explicitly, and the result then needs it."""
+    wrapper = tmp_path / "static-g++"
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('g++')} -static-libstdc++ \"$@\"\n")
+    wrapper.chmod(0o755)
+    setup = _setup_module()
+    monkeypatch.setenv("CXX", str(wrapper))
+    args = setup._shared_libstdcxx_args()
+    assert len(args) == 1 and os.path.basename(args[0]).startswith("libstdc++.so"), args
+    source = tmp_path / "probe.cpp"
+    source.write_text("#include <sstream>\n#include <string>\n"
+                      "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+    static = tmp_path / "static.so"
+    subprocess.run([str(wrapper), "-shared", "-fPIC", str(source), "-o", str(static)], check=True)
+    assert not any(n.startswith("libstdc++") for n in setup.elf_needed(str(static)))
+    fixed = tmp_path / "fixed.so"
+    subprocess.run([str(wrapper), "-shared", "-fPIC", str(source), "-o", str(fixed)] + args,
+                   check=True)
+    assert any(n.startswith("libstdc++") for n in setup.elf_needed(str(fixed)))
+    monkeypatch.delenv("CXX")
+    assert setup._shared_libstdcxx_args() == []  # the plain compiler links it shared already
