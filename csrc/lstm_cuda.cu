@@ -1225,18 +1225,46 @@ Choice choose_kernel(bool backward, int64_t batch, int64_t hidden, bool has_proj
   return choice;
 }
 
+// Entries of the step table written per launch of fill_step_table_kernel: they travel as the
+// kernel's parameters (3.8 KB, under the 4 KB every architecture accepts).
+constexpr int kTableEntries = 476;
+
+struct StepTableChunk {
+  int64_t values[kTableEntries];
+  int64_t begin;
+  int count;
+};
+
+static_assert(sizeof(StepTableChunk) + sizeof(int64_t*) <= 4096,
+              "fill_step_table_kernel's parameters must fit in 4 KB");
+
+__global__ void fill_step_table_kernel(int64_t* __restrict__ table, const StepTableChunk chunk) {
+  for (int i = threadIdx.x; i < chunk.count; i += blockDim.x) {
+    table[chunk.begin + i] = chunk.values[i];
+  }
+}
+
 // The packed layout's step table (offsets, then live rows) on the device, for the persistent
-// kernel. Written into pinned memory and copied without blocking the host: the caching host
-// allocator records the copy on the current stream and keeps the pinned block until it is done.
-Tensor device_step_table(const Layout& layout, const Tensor& like) {
+// kernel. Its values go to the device as kernel parameters, never through a host buffer: a
+// copy from pinned host memory captured in a CUDA graph would record the buffer's address and
+// each replay would copy whatever a later call left there, while kernel parameters are stored
+// in the graph by value. One launch per kTableEntries entries (2 entries per step).
+Tensor device_step_table(const Layout& layout, const Tensor& like, cudaStream_t stream) {
   if (layout.dense) return Tensor();
   const int64_t steps = static_cast<int64_t>(layout.offset.size());
-  Tensor host = at::empty({steps + static_cast<int64_t>(layout.live.size())},
-                          at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* data = host.data_ptr<int64_t>();
-  std::copy(layout.offset.begin(), layout.offset.end(), data);
-  std::copy(layout.live.begin(), layout.live.end(), data + steps);
-  return host.to(like.device(), /*non_blocking=*/true);
+  Tensor table = at::empty({2 * steps}, like.options().dtype(at::kLong));
+  StepTableChunk chunk;
+  for (int64_t begin = 0; begin < 2 * steps; begin += kTableEntries) {
+    chunk.begin = begin;
+    chunk.count = static_cast<int>(std::min<int64_t>(kTableEntries, 2 * steps - begin));
+    for (int i = 0; i < chunk.count; ++i) {
+      const int64_t entry = begin + i;
+      chunk.values[i] = entry < steps ? layout.offset[entry] : layout.live[entry - steps];
+    }
+    fill_step_table_kernel<<<1, 128, 0, stream>>>(table.data_ptr<int64_t>(), chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return table;
 }
 
 template <typename T>
@@ -1324,7 +1352,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
         constexpr bool kTensorCores = IsMmaType<scalar_t>::value;
         Tensor h_buffer = at::empty({2, batch, hidden}, xg.options());
         h_buffer[0].copy_(h0);
-        const Tensor table = device_step_table(layout, xg);
+        const Tensor table = device_step_table(layout, xg, stream);
         PersistentForwardArgs<scalar_t> args;
         args.xg = xg.data_ptr<scalar_t>();
         args.h0 = h0.data_ptr<scalar_t>();
@@ -1451,7 +1479,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
             at::empty({2, batch, 4 * hidden}, grad_out.options().dtype(at::kFloat));
         grad_h0 = at::empty({batch, hidden}, grad_out.options());
         grad_c0 = at::empty({batch, hidden}, grad_out.options());
-        const Tensor table = device_step_table(layout, grad_out);
+        const Tensor table = device_step_table(layout, grad_out, stream);
         PersistentBackwardArgs<scalar_t> args;
         args.grad_out = grad_out.data_ptr<scalar_t>();
         args.grad_hn = grad_hn.data_ptr<scalar_t>();
