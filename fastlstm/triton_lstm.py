@@ -704,9 +704,25 @@ def _layout(batch_sizes: torch.Tensor, num_rows: int, batch: int):
 
 def _step_tables(layout, device):
     """Per-step row offsets and live counts as int32 device tensors, padded with a zero entry on
-    each side (see _step_rows)."""
+    each side (see _step_rows).
+
+    While the current CUDA stream is being captured into a graph, the tables are built on the
+    device with no copy from host memory: a captured host-to-device copy would replay from a host
+    buffer that later calls reuse. One fill per run of equal live counts (live counts never
+    increase, so there are at most min(T, B) runs), and the offsets are their cumulative sum.
+    """
     offsets = [0] + [offset for offset, _ in layout] + [0]
     lives = [0] + [live for _, live in layout] + [0]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        lives_table = torch.zeros(len(lives), dtype=torch.int32, device=device)
+        start = 1
+        for end in range(2, len(lives)):
+            if lives[end] != lives[start]:
+                lives_table[start:end].fill_(lives[start])
+                start = end
+        offsets_table = torch.zeros_like(lives_table)
+        offsets_table[1:-1] = torch.cumsum(lives_table[:-2], 0, dtype=torch.int32)
+        return offsets_table, lives_table
     return (torch.tensor(offsets, dtype=torch.int32).to(device),
             torch.tensor(lives, dtype=torch.int32).to(device))
 
