@@ -152,23 +152,36 @@ def test_ops_match_specification(cuda_ops, kernel, case, reverse, dtype):
 def test_shapes_beyond_the_persistent_kernel(cuda_ops, monkeypatch, kernel_name):
     """Hidden 2100 in fp32 needs >= 4 x 16 x 2100 x 4 bytes of W_hh per block on any GPU with
     <= 132 SMs, more than any block's shared memory; 2048 rows exceed what a block keeps in
-    registers. `auto` must fall back to the step kernel and stay exact; forcing `persistent`
-    must fail and say why."""
+    registers. The backward kernel's W_hh columns alone (16 x 8400 x 4 bytes) exceed shared
+    memory too, whatever chunk of dgates it stages. `auto` must fall back to the step kernel and
+    stay exact; forcing `persistent` must fail and say why."""
     monkeypatch.setenv("FASTLSTM_CUDA_KERNEL", kernel_name)
     for (batch, hidden), reason in (((2, 2100), "shared memory"), ((2048, 8), "registers")):
         tensors, batch_sizes = op_inputs(batch, hidden, 0, None, torch.float32, steps=2)
         args = on_device(tensors)
         call = (args["xg"], batch_sizes, args["h0"], args["c0"], args["w_hh"], None, True, True)
-        if kernel_name == "persistent":
-            with pytest.raises(RuntimeError, match=reason):
-                cuda_ops.recurrence_forward(*call)
-            continue
-        out = cuda_ops.recurrence_forward(*call)
         spec = as_float64(tensors)
         expected = reference_recurrence_forward(spec["xg"], batch_sizes, spec["h0"], spec["c0"],
                                                 spec["w_hh"], None, True, True)
+        gen = torch.Generator().manual_seed(2)
+        grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in expected[:3]]
+        backward_call = (*[g.float().to(DEVICE) for g in grads], batch_sizes, args["c0"],
+                         args["w_hh"], None, expected[3].float().to(DEVICE),
+                         expected[4].float().to(DEVICE), True)
+        if kernel_name == "persistent":
+            with pytest.raises(RuntimeError, match=reason):
+                cuda_ops.recurrence_forward(*call)
+            with pytest.raises(RuntimeError, match=reason):
+                cuda_ops.recurrence_backward(*backward_call)
+            continue
+        out = cuda_ops.recurrence_forward(*call)
         for name, got, want in zip(("out", "h_n", "c_n", "gates", "cells"), out, expected):
             assert_close(got, want, 5e-5, 5e-5, f"hidden {hidden} batch {batch}: {name}")
+        got = cuda_ops.recurrence_backward(*backward_call)
+        want = reference_recurrence_backward(*grads, batch_sizes, spec["c0"], spec["w_hh"], None,
+                                             expected[3], expected[4], True)
+        for name, g, w in zip(("grad_xg", "grad_h0", "grad_c0"), got, want):
+            assert_close(g, w, 5e-5, 5e-5, f"hidden {hidden} batch {batch}: {name}")
 
 
 def test_forward_without_save_matches(cuda_ops, kernel):
