@@ -232,7 +232,8 @@ __device__ __forceinline__ int split_k(const SmemLayout& layout, int rows, int n
 }
 
 // One fp32 pair (k, k+1) of an A fragment as the sum of two 16-bit pairs, hi = round(v) and
-// lo = round(v - hi), packed as mma operands (element k in the low half).
+// lo = round(v - hi), packed as mma operands (element k in the low half). fp16: |v| > 65504
+// overflows to inf, as the same gradient stored in grad_xg (fp16) does.
 template <typename T>
 __device__ __forceinline__ void split_pair(float2 v, uint32_t& hi, uint32_t& lo) {
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
