@@ -12,9 +12,11 @@
 //               slice of h_t into the other buffer; a grid-wide barrier ends the step. Backward:
 //               the block keeps the columns W_hh[:, units] (4H x U) in shared memory and dh, dc of
 //               its units in registers; per step it computes its units' gate gradients, publishes
-//               them (global double buffer), meets the grid barrier, then computes dh of its
-//               units = dgates @ W_hh[:, units]. bf16/fp16 multiply on tensor cores (mma.sync
-//               m16n8k16, fp32 accumulate); fp32 uses fp32 FMA (no TF32). No proj_size, no fp64.
+//               them in fp32 (global double buffer), meets the grid barrier, then computes dh of
+//               its units = dgates @ W_hh[:, units], staging dgates in column chunks when all 4H
+//               columns do not fit beside the weights. bf16/fp16 multiply on tensor cores
+//               (mma.sync m16n8k16, fp32 accumulate; the backward's fp32 dgates as a hi + lo
+//               pair of 16-bit operands); fp32 uses fp32 FMA (no TF32). No proj_size, no fp64.
 //   step        One launch per time step: each block computes h_{t-1} @ W_hh^T for a tile of
 //               8 hidden units x 4 gates and 16 rows, then the fused cell update (c kept in an fp32
 //               or fp64 state buffer; h_{t-1} read straight from the previous step's output rows
@@ -28,9 +30,11 @@
 //   - bf16/fp16 need sm_80+ (mma.sync bf16 m16n8k16);
 //   - U = ceil(H / #SMs) units per block, so one block per SM (H200/H100: 132 SMs, A100: 108);
 //   - B * U <= kThreads * kItems (c, h or dh, dc of every (row, unit) pair live in registers);
-//   - shared memory: W slice + staged h (or dgates) of all B rows + split-K partial sums must fit
-//     the per-block opt-in limit (227 KB on H100/H200, 163 KB on A100); e.g. bf16 H=1024, B=16
-//     forward needs ~115 KB and backward ~201 KB (backward stages dgates, 4H wide);
+//   - shared memory: W slice + staged h of all B rows + split-K partial sums must fit the
+//     per-block opt-in limit (227 KB on H100/H200, 163 KB on A100); e.g. bf16 H=1024, B=16
+//     forward needs ~115 KB. Backward: W slice + partial sums + fp32 dgates of all B rows in
+//     chunks of at least kMinChunk columns; e.g. bf16 H=1024, B=16 keeps 70 KB of W and partial
+//     sums and stages the 4096 dgates columns in 2 chunks (all of them would need 332 KB);
 //   - the device supports cooperative launch and the occupancy calculator confirms that all
 //     blocks fit at once (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SM count).
 // FASTLSTM_CUDA_KERNEL=persistent|step|auto (read at every call) forces a kernel; forcing the
@@ -40,16 +44,19 @@
 // without --use_fast_math, which turns tanhf into tanh.approx.f32 (relative error ~2^-11), far
 // coarser than the ~1e-5 agreement with nn.LSTM that fp32 is held to.
 //
-// Measured / not measured: every kernel here compiles for sm_80 and sm_90 with no register spills
-// and no stack frame (ptxas -v, with and without --use_fast_math). They have not yet been run or
-// timed on a GPU: nothing here claims a speed, and the selection limits above are capacity limits,
-// not tuned thresholds.
+// Measured / not measured: every kernel here compiles for sm_90 with no register spills and no
+// stack frame (ptxas -v; tests/test_build.py checks the build's report). Both kernels have run on
+// an H200 (torch 2.11, CUDA 13: the numeric, packed, low-precision and CUDA-graph tests of
+// tests/test_cuda_lstm.py pass) but have not been timed: nothing here claims a speed, and the
+// selection limits above are capacity limits, not tuned thresholds.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -120,40 +127,47 @@ constexpr int kThreads = 256;          // threads per block of the persistent ke
 constexpr int kWarps = kThreads / 32;
 constexpr int kItems = 4;              // (row, unit) pairs per thread, kept in registers
 constexpr int kKSplitMax = 8;          // most split-K partial planes (one per warp at most)
+constexpr int kMinChunk = 64;          // fewest columns of dgates the backward kernel stages at once
 
 // Shared-memory layout of a persistent block, computed identically on host and device.
 //   w: [n_pad][ldw] weights of the block, k contiguous (n = local output column)
-//   a: [m_pad][lda] staged left operand (h or dgates of all rows), k contiguous
+//   a: [m_pad][lda] staged left operand (h or dgates of all rows), k contiguous; it holds a chunk
+//      of a_cols columns of k (all of k in the forward kernel; the backward kernel stages 4H
+//      columns of fp32 dgates and may need several chunks per step, see plan_persistent)
 //   p: [ksplit][plane_rows(live)][n_pad] fp32 split-K partial sums; planes are packed for the
 //      live rows of the step, so the region only needs max over live of ksplit * rows * n_pad
 //      floats, bounded below (more planes only when there are fewer row tiles)
-// Tensor-core path: n padded to 8, k to 16, m to 16, rows padded by 8 halves (16 bytes) so the
-// eight fragment rows of a warp fall in distinct banks. FMA path: w rows of odd length (distinct
-// banks for consecutive n), m padded to 4 (each thread computes 4 rows).
+// Tensor-core path: n padded to 8, k to 16, m to 16, rows padded by 8 elements (16 bytes for
+// 16-bit operands; for fp32 operands a row stride of 8 or 24 mod 32 words, so that the float2
+// fragment loads of a half-warp, 4 rows x 4 lanes, fall in distinct banks). FMA path: w rows of
+// odd length (distinct banks for consecutive n), m padded to 4 (each thread computes 4 rows).
 struct SmemLayout {
-  int n_pad, k_pad, ldw, m_pad, lda;
+  int n_pad, k_pad, ldw, m_pad, a_cols, lda;
   int64_t a_offset, p_offset, total;
 };
 
-template <bool kTensorCores, int kElementSize>
-__host__ __device__ __forceinline__ SmemLayout make_layout(int n, int k, int batch) {
+// kWeightSize: bytes per element of w; kOperandSize: of a. k_chunk: the most columns of k staged
+// at once (>= k stages everything).
+template <bool kTensorCores, int kWeightSize, int kOperandSize>
+__host__ __device__ __forceinline__ SmemLayout make_layout(int n, int k, int batch, int k_chunk) {
   SmemLayout layout;
+  const int granule = kTensorCores ? 16 : 4;
+  layout.k_pad = round_up(k, granule);
+  layout.a_cols = k_chunk >= k ? layout.k_pad : round_up(k_chunk, granule);
   if (kTensorCores) {
     layout.n_pad = round_up(n, 8);
-    layout.k_pad = round_up(k, 16);
     layout.ldw = layout.k_pad + 8;
     layout.m_pad = round_up(batch, 16);
-    layout.lda = layout.k_pad + 8;
+    layout.lda = layout.a_cols + 8;
   } else {
     layout.n_pad = n;
-    layout.k_pad = round_up(k, 4);
     layout.ldw = layout.k_pad + 1;
     layout.m_pad = round_up(batch, 4);
-    layout.lda = layout.k_pad;
+    layout.lda = layout.a_cols;
   }
-  layout.a_offset = round_up_bytes(int64_t(layout.n_pad) * layout.ldw * kElementSize);
+  layout.a_offset = round_up_bytes(int64_t(layout.n_pad) * layout.ldw * kWeightSize);
   layout.p_offset =
-      layout.a_offset + round_up_bytes(int64_t(layout.m_pad) * layout.lda * kElementSize);
+      layout.a_offset + round_up_bytes(int64_t(layout.m_pad) * layout.lda * kOperandSize);
   // Partial-sum bound. Tensor cores: ksplit > 1 only when m_tiles * n_tiles < kWarps, and then
   // ksplit * m_tiles * 16 <= kWarps * 16 = 128 rows. FMA: ksplit > 1 only when
   // groups * n < kThreads, and then ksplit * 4 * groups * n <= 4 * kThreads = 1024 floats.
@@ -202,27 +216,53 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 }
 
 // Number of split-K planes the block GEMMs use for `rows` live rows; the pointwise code that
-// sums the planes calls the same function.
+// sums the planes calls the same function. The split divides one staged chunk of k.
 template <bool kTensorCores>
 __device__ __forceinline__ int split_k(const SmemLayout& layout, int rows, int n) {
   if (rows <= 0) return 1;
   if (kTensorCores) {
     const int tiles = (round_up(rows, 16) / 16) * (layout.n_pad / 8);
-    const int k_steps = layout.k_pad / 16;
+    const int k_steps = layout.a_cols / 16;
     return tiles >= kWarps ? 1 : max(1, min(kWarps / tiles, k_steps));
   } else {
     const int base = (round_up(rows, 4) / 4) * n;
-    const int k_quads = layout.k_pad / 4;
+    const int k_quads = layout.a_cols / 4;
     return base >= kThreads ? 1 : max(1, min(min(kThreads / base, kKSplitMax), k_quads));
   }
 }
 
-// p[kp][m][n] = sum over k in split kp of a[m][k] * w[n][k], for m < round_up(rows, 16) and all
-// n < n_pad; the caller sums the planes. Tensor cores, one 16x8 tile per warp and k step.
+// One fp32 pair (k, k+1) of an A fragment as the sum of two 16-bit pairs, hi = round(v) and
+// lo = round(v - hi), packed as mma operands (element k in the low half). fp16: |v| > 65504
+// overflows to inf, as the same gradient stored in grad_xg (fp16) does.
 template <typename T>
-__device__ __forceinline__ void block_gemm_tensor_cores(const SmemLayout& layout, const T* a_s,
-                                                        const T* w_s, float* p_s, int rows,
-                                                        int ksplit) {
+__device__ __forceinline__ void split_pair(float2 v, uint32_t& hi, uint32_t& lo) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    const __nv_bfloat162 high = __float22bfloat162_rn(v);
+    const float2 back = __bfloat1622float2(high);
+    const __nv_bfloat162 low = __float22bfloat162_rn(make_float2(v.x - back.x, v.y - back.y));
+    memcpy(&hi, &high, 4);
+    memcpy(&lo, &low, 4);
+  } else {
+    const __half2 high = __float22half2_rn(v);
+    const float2 back = __half22float2(high);
+    const __half2 low = __float22half2_rn(make_float2(v.x - back.x, v.y - back.y));
+    memcpy(&hi, &high, 4);
+    memcpy(&lo, &low, 4);
+  }
+}
+
+// p[kp][m][n] = (or +=, when accumulate) sum over k in split kp of the staged chunk of
+// a[m][k] * w[n][k_begin + k], for m < round_up(rows, 16) and all n < n_pad; the caller sums the
+// planes. Tensor cores, one 16x8 tile per warp and k step; chunk_cols (a multiple of 16) columns
+// are staged. A holds T (one mma per k step), or fp32 (kSplitA: each value split into hi + lo
+// 16-bit parts, two mma's per k step, so the product sees ~16 significant bits of A instead of
+// 8 (bf16) or 11 (fp16); the weights are T already, so only A needs the split).
+template <typename T, bool kSplitA>
+__device__ __forceinline__ void block_gemm_tensor_cores(const SmemLayout& layout,
+                                                        const void* a_s, const T* w_s, float* p_s,
+                                                        int rows, int ksplit, int k_begin,
+                                                        int chunk_cols, bool accumulate) {
+  using AType = typename std::conditional<kSplitA, float, T>::type;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int group = lane / 4;            // fragment row (A, C) or column (B)
@@ -230,7 +270,7 @@ __device__ __forceinline__ void block_gemm_tensor_cores(const SmemLayout& layout
   const int m_tiles = round_up(rows, 16) / 16;
   const int n_tiles = layout.n_pad / 8;
   const int tiles = m_tiles * n_tiles;
-  const int k_steps = layout.k_pad / 16;
+  const int k_steps = chunk_cols / 16;
   for (int work = warp; work < tiles * ksplit; work += kWarps) {
     const int tile = work % tiles;
     const int kp = work / tiles;
@@ -239,44 +279,67 @@ __device__ __forceinline__ void block_gemm_tensor_cores(const SmemLayout& layout
     const int step_begin = kp * k_steps / ksplit;
     const int step_end = (kp + 1) * k_steps / ksplit;
     float c[4] = {0.f, 0.f, 0.f, 0.f};
-    const T* a_row0 = a_s + (m0 + group) * layout.lda + pair;
-    const T* a_row8 = a_row0 + 8 * layout.lda;
-    const T* w_row = w_s + (n0 + group) * layout.ldw + pair;
+    const AType* a_row0 = static_cast<const AType*>(a_s) + (m0 + group) * layout.lda + pair;
+    const AType* a_row8 = a_row0 + 8 * layout.lda;
+    const T* w_row = w_s + (n0 + group) * layout.ldw + k_begin + pair;
     for (int step = step_begin; step < step_end; ++step) {
       const int k0 = step * 16;
-      uint32_t a[4], b[2];
-      a[0] = *reinterpret_cast<const uint32_t*>(a_row0 + k0);
-      a[1] = *reinterpret_cast<const uint32_t*>(a_row8 + k0);
-      a[2] = *reinterpret_cast<const uint32_t*>(a_row0 + k0 + 8);
-      a[3] = *reinterpret_cast<const uint32_t*>(a_row8 + k0 + 8);
+      uint32_t b[2];
       b[0] = *reinterpret_cast<const uint32_t*>(w_row + k0);
       b[1] = *reinterpret_cast<const uint32_t*>(w_row + k0 + 8);
-      mma_16816<T>(c, a, b);
+      if constexpr (kSplitA) {
+        uint32_t hi[4], lo[4];
+        split_pair<T>(*reinterpret_cast<const float2*>(a_row0 + k0), hi[0], lo[0]);
+        split_pair<T>(*reinterpret_cast<const float2*>(a_row8 + k0), hi[1], lo[1]);
+        split_pair<T>(*reinterpret_cast<const float2*>(a_row0 + k0 + 8), hi[2], lo[2]);
+        split_pair<T>(*reinterpret_cast<const float2*>(a_row8 + k0 + 8), hi[3], lo[3]);
+        mma_16816<T>(c, lo, b);
+        mma_16816<T>(c, hi, b);
+      } else {
+        uint32_t a[4];
+        a[0] = *reinterpret_cast<const uint32_t*>(a_row0 + k0);
+        a[1] = *reinterpret_cast<const uint32_t*>(a_row8 + k0);
+        a[2] = *reinterpret_cast<const uint32_t*>(a_row0 + k0 + 8);
+        a[3] = *reinterpret_cast<const uint32_t*>(a_row8 + k0 + 8);
+        mma_16816<T>(c, a, b);
+      }
     }
     float* plane = p_s + int64_t(kp) * plane_rows<true>(rows) * layout.n_pad;
-    plane[(m0 + group) * layout.n_pad + n0 + pair] = c[0];
-    plane[(m0 + group) * layout.n_pad + n0 + pair + 1] = c[1];
-    plane[(m0 + group + 8) * layout.n_pad + n0 + pair] = c[2];
-    plane[(m0 + group + 8) * layout.n_pad + n0 + pair + 1] = c[3];
+    float* row0 = plane + (m0 + group) * layout.n_pad + n0 + pair;
+    float* row8 = row0 + 8 * layout.n_pad;
+    // Each (tile, kp) belongs to the same warp in every chunk, so accumulating is race-free.
+    if (accumulate) {
+      row0[0] += c[0];
+      row0[1] += c[1];
+      row8[0] += c[2];
+      row8[1] += c[3];
+    } else {
+      row0[0] = c[0];
+      row0[1] = c[1];
+      row8[0] = c[2];
+      row8[1] = c[3];
+    }
   }
 }
 
-// The same product with fp32 FMA: each work item is one column n, four rows, one k split.
+// The same product with fp32 FMA: each work item is one column n, four rows, one k split of the
+// chunk_cols staged columns.
 __device__ __forceinline__ void block_gemm_fma(const SmemLayout& layout, const float* a_s,
                                                const float* w_s, float* p_s, int rows, int n,
-                                               int ksplit) {
+                                               int ksplit, int k_begin, int chunk_cols,
+                                               bool accumulate) {
   const int groups = round_up(rows, 4) / 4;
   const int base = groups * n;
   for (int work = threadIdx.x; work < base * ksplit; work += kThreads) {
     const int col = work % n;
     const int m0 = ((work / n) % groups) * 4;
     const int kp = work / base;
-    const int k_begin = kp * layout.k_pad / ksplit;
-    const int k_end = (kp + 1) * layout.k_pad / ksplit;
-    const float* w_row = w_s + col * layout.ldw;
+    const int k_first = kp * chunk_cols / ksplit;
+    const int k_end = (kp + 1) * chunk_cols / ksplit;
+    const float* w_row = w_s + col * layout.ldw + k_begin;
     const float* a0 = a_s + m0 * layout.lda;
     float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
-    for (int k = k_begin; k < k_end; ++k) {
+    for (int k = k_first; k < k_end; ++k) {
       const float w = w_row[k];
       acc0 = fmaf(a0[k], w, acc0);
       acc1 = fmaf(a0[layout.lda + k], w, acc1);
@@ -284,32 +347,49 @@ __device__ __forceinline__ void block_gemm_fma(const SmemLayout& layout, const f
       acc3 = fmaf(a0[3 * layout.lda + k], w, acc3);
     }
     float* plane = p_s + int64_t(kp) * plane_rows<false>(rows) * layout.n_pad;
-    plane[(m0 + 0) * layout.n_pad + col] = acc0;
-    plane[(m0 + 1) * layout.n_pad + col] = acc1;
-    plane[(m0 + 2) * layout.n_pad + col] = acc2;
-    plane[(m0 + 3) * layout.n_pad + col] = acc3;
+    float* out = plane + m0 * layout.n_pad + col;
+    if (accumulate) {  // same work item, same thread, in every chunk
+      out[0] += acc0;
+      out[layout.n_pad] += acc1;
+      out[2 * layout.n_pad] += acc2;
+      out[3 * layout.n_pad] += acc3;
+    } else {
+      out[0] = acc0;
+      out[layout.n_pad] = acc1;
+      out[2 * layout.n_pad] = acc2;
+      out[3 * layout.n_pad] = acc3;
+    }
   }
 }
 
-// Stage rows [0, rows) x [0, k) of a row-major global buffer (row stride k) into a_s, reading
-// through L2 (the buffer was written by other blocks of this launch).
+// Stage rows [0, rows) x columns [0, cols) of a row-major global buffer (row stride src_stride)
+// into a_s, reading through L2 (the buffer was written by other blocks of this launch); columns
+// [cols, padded_cols) are written as zeros.
 template <typename T>
-__device__ __forceinline__ void stage_rows(const SmemLayout& layout, const T* src, int rows,
-                                           int k, T* a_s) {
+__device__ __forceinline__ void stage_rows(const SmemLayout& layout, const T* src,
+                                           int64_t src_stride, int rows, int cols,
+                                           int padded_cols, T* a_s) {
   constexpr int kVector = 16 / sizeof(T);
-  if (k % kVector == 0 && layout.lda % kVector == 0) {
-    const int vectors_per_row = k / kVector;
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 && src_stride % kVector == 0;
+  if (aligned && cols % kVector == 0 && padded_cols % kVector == 0 &&
+      layout.lda % kVector == 0) {
+    const int vectors_per_row = padded_cols / kVector;
+    const int live_vectors = cols / kVector;
     for (int index = threadIdx.x; index < rows * vectors_per_row; index += kThreads) {
       const int row = index / vectors_per_row;
       const int vec = index % vectors_per_row;
-      const int4 value = __ldcg(reinterpret_cast<const int4*>(src + int64_t(row) * k) + vec);
+      const int4 value =
+          vec < live_vectors
+              ? __ldcg(reinterpret_cast<const int4*>(src + int64_t(row) * src_stride) + vec)
+              : make_int4(0, 0, 0, 0);
       *reinterpret_cast<int4*>(a_s + row * layout.lda + vec * kVector) = value;
     }
   } else {
-    for (int index = threadIdx.x; index < rows * k; index += kThreads) {
-      const int row = index / k;
-      const int col = index % k;
-      a_s[row * layout.lda + col] = load_cg(src + int64_t(row) * k + col);
+    for (int index = threadIdx.x; index < rows * padded_cols; index += kThreads) {
+      const int row = index / padded_cols;
+      const int col = index % padded_cols;
+      a_s[row * layout.lda + col] =
+          col < cols ? load_cg(src + int64_t(row) * src_stride + col) : T(0);
     }
   }
 }
@@ -362,7 +442,8 @@ persistent_forward_kernel(const PersistentForwardArgs<T> args) {
   const int batch = args.steps.batch;
   const int units = args.units;
   const int unit0 = blockIdx.x * units;
-  const SmemLayout layout = make_layout<kTensorCores, sizeof(T)>(4 * units, hidden, batch);
+  const SmemLayout layout =
+      make_layout<kTensorCores, sizeof(T), sizeof(T)>(4 * units, hidden, batch, hidden);
   using Operand = typename std::conditional<kTensorCores, T, float>::type;
   Operand* w_s = reinterpret_cast<Operand*>(smem);
   Operand* a_s = reinterpret_cast<Operand*>(smem + layout.a_offset);
@@ -422,10 +503,10 @@ persistent_forward_kernel(const PersistentForwardArgs<T> args) {
     }
     if (live > 0) {
       if constexpr (kTensorCores) {
-        stage_rows<T>(layout, h_prev, live, hidden, a_s);
+        stage_rows<T>(layout, h_prev, hidden, live, hidden, hidden, a_s);
       } else {
-        stage_rows<float>(layout, reinterpret_cast<const float*>(h_prev), live, hidden,
-                          reinterpret_cast<float*>(a_s));
+        stage_rows<float>(layout, reinterpret_cast<const float*>(h_prev), hidden, live, hidden,
+                          hidden, reinterpret_cast<float*>(a_s));
       }
     }
     __syncthreads();
@@ -433,10 +514,12 @@ persistent_forward_kernel(const PersistentForwardArgs<T> args) {
     const int plane = plane_rows<kTensorCores>(live);
     if (live > 0) {
       if constexpr (kTensorCores) {
-        block_gemm_tensor_cores<T>(layout, a_s, w_s, p_s, live, ksplit);
+        block_gemm_tensor_cores<T, false>(layout, a_s, w_s, p_s, live, ksplit, 0, layout.k_pad,
+                                          false);
       } else {
         block_gemm_fma(layout, reinterpret_cast<const float*>(a_s),
-                       reinterpret_cast<const float*>(w_s), p_s, live, 4 * units, ksplit);
+                       reinterpret_cast<const float*>(w_s), p_s, live, 4 * units, ksplit, 0,
+                       layout.k_pad, false);
       }
     }
     __syncthreads();
@@ -500,13 +583,14 @@ struct PersistentBackwardArgs {
   const T* w_hh;         // [4H, H]
   const float* gates;    // [N, 4H] activated i, f, g, o
   const float* cells;    // [N, H]
-  T* dgates_buffer;      // [2, B, 4H] workspace exchanged between blocks
+  float* dgates_buffer;  // [2, B, 4H] fp32 workspace exchanged between blocks
   T* grad_xg;            // [N, 4H]
   T* grad_h0;            // [B, H]
   T* grad_c0;            // [B, H]
   StepTable steps;
   int hidden;
   int units;
+  int k_chunk;           // columns of dgates staged in shared memory at once (see plan_persistent)
   bool reverse;
 };
 
@@ -521,10 +605,17 @@ persistent_backward_kernel(const PersistentBackwardArgs<T> args) {
   const int batch = args.steps.batch;
   const int units = args.units;
   const int unit0 = blockIdx.x * units;
-  const SmemLayout layout = make_layout<kTensorCores, sizeof(T)>(units, four_h, batch);
-  using Operand = typename std::conditional<kTensorCores, T, float>::type;
-  Operand* w_s = reinterpret_cast<Operand*>(smem);
-  Operand* a_s = reinterpret_cast<Operand*>(smem + layout.a_offset);
+  // The gate gradients stay fp32 from the cell's backward to the product dh = dgates @ W_hh, as
+  // in every other backend: staged as fp32 and split into hi + lo 16-bit halves for the tensor
+  // cores (block_gemm_tensor_cores<T, true>): two mma's per k step instead of one keep the
+  // product on the tensor cores with ~16 significant bits of dgates, where an fp32 FMA product
+  // would give the tensor cores up, and rounding dgates to T first (as this kernel once did)
+  // put a relative error of up to 2^-9 (bf16) on every term of dh.
+  const SmemLayout layout =
+      make_layout<kTensorCores, sizeof(T), sizeof(float)>(units, four_h, batch, args.k_chunk);
+  using Weight = typename std::conditional<kTensorCores, T, float>::type;
+  Weight* w_s = reinterpret_cast<Weight*>(smem);
+  float* a_s = reinterpret_cast<float*>(smem + layout.a_offset);
   float* p_s = reinterpret_cast<float*>(smem + layout.p_offset);
 
   // w_s[u][k] = W_hh[k][unit0 + u]: the columns of W_hh that produce this block's dh.
@@ -535,7 +626,7 @@ persistent_backward_kernel(const PersistentBackwardArgs<T> args) {
     const int local = index % units;
     const int unit = unit0 + local;
     if (unit < hidden) {
-      w_s[local * layout.ldw + k] = static_cast<Operand>(args.w_hh[int64_t(k) * hidden + unit]);
+      w_s[local * layout.ldw + k] = static_cast<Weight>(args.w_hh[int64_t(k) * hidden + unit]);
     }
   }
 
@@ -565,7 +656,7 @@ persistent_backward_kernel(const PersistentBackwardArgs<T> args) {
     const bool has_prev = t_prev >= 0 && t_prev < steps;
     const int64_t prev_offset = has_prev ? args.steps.offset(t_prev) : 0;
     const int prev_live = has_prev ? args.steps.live(t_prev) : 0;
-    T* dgates = args.dgates_buffer + (s & 1) * buffer_size;
+    float* dgates = args.dgates_buffer + (s & 1) * buffer_size;
 
     // Phase 1: gate gradients of this block's units, published for every block.
 #pragma unroll
@@ -589,39 +680,37 @@ persistent_backward_kernel(const PersistentBackwardArgs<T> args) {
       float dc_prev;
       cell_backward<float>(g, c, c_prev, dr, dc[i], grads, dc_prev);
       dc[i] = dc_prev;
-      const T gi = static_cast<T>(grads.i), gf = static_cast<T>(grads.f);
-      const T gg = static_cast<T>(grads.g), go = static_cast<T>(grads.o);
       T* grad_row = args.grad_xg + out_row * four_h + unit;
-      grad_row[0] = gi;
-      grad_row[hidden] = gf;
-      grad_row[2 * hidden] = gg;
-      grad_row[3 * hidden] = go;
-      T* shared_row = dgates + int64_t(row) * four_h + unit;
-      shared_row[0] = gi;
-      shared_row[hidden] = gf;
-      shared_row[2 * hidden] = gg;
-      shared_row[3 * hidden] = go;
+      grad_row[0] = static_cast<T>(grads.i);
+      grad_row[hidden] = static_cast<T>(grads.f);
+      grad_row[2 * hidden] = static_cast<T>(grads.g);
+      grad_row[3 * hidden] = static_cast<T>(grads.o);
+      float* shared_row = dgates + int64_t(row) * four_h + unit;
+      shared_row[0] = grads.i;
+      shared_row[hidden] = grads.f;
+      shared_row[2 * hidden] = grads.g;
+      shared_row[3 * hidden] = grads.o;
     }
     grid.sync();
 
-    // Phase 2: dh of this block's units = dgates (all 4H columns) @ W_hh[:, units].
-    if (live > 0) {
-      if constexpr (kTensorCores) {
-        stage_rows<T>(layout, dgates, live, four_h, a_s);
-      } else {
-        stage_rows<float>(layout, reinterpret_cast<const float*>(dgates), live, four_h,
-                          reinterpret_cast<float*>(a_s));
-      }
-    }
-    __syncthreads();
+    // Phase 2: dh of this block's units = dgates (all 4H columns) @ W_hh[:, units], staged and
+    // multiplied in chunks of layout.a_cols columns; the partial sums accumulate in p_s.
     const int ksplit = split_k<kTensorCores>(layout, live, units);
     const int plane = plane_rows<kTensorCores>(live);
     if (live > 0) {
-      if constexpr (kTensorCores) {
-        block_gemm_tensor_cores<T>(layout, a_s, w_s, p_s, live, ksplit);
-      } else {
-        block_gemm_fma(layout, reinterpret_cast<const float*>(a_s),
-                       reinterpret_cast<const float*>(w_s), p_s, live, units, ksplit);
+      for (int k_begin = 0; k_begin < four_h; k_begin += layout.a_cols) {
+        const int cols = min(layout.a_cols, four_h - k_begin);
+        const int padded_cols = round_up(cols, kTensorCores ? 16 : 4);
+        if (k_begin > 0) __syncthreads();  // the previous chunk's product has read a_s
+        stage_rows<float>(layout, dgates + k_begin, four_h, live, cols, padded_cols, a_s);
+        __syncthreads();
+        if constexpr (kTensorCores) {
+          block_gemm_tensor_cores<T, true>(layout, a_s, w_s, p_s, live, ksplit, k_begin,
+                                           padded_cols, k_begin > 0);
+        } else {
+          block_gemm_fma(layout, a_s, w_s, p_s, live, units, ksplit, k_begin, padded_cols,
+                         k_begin > 0);
+        }
       }
     }
     __syncthreads();
@@ -980,6 +1069,7 @@ struct Choice {
   int units = 0;
   int blocks = 0;
   int64_t smem = 0;
+  int k_chunk = 0;  // backward: columns of dgates staged at once
   std::string why_not_persistent;
 };
 
@@ -1064,10 +1154,40 @@ Choice plan_persistent(bool backward, int64_t batch, int64_t hidden, bool has_pr
                                 " (row, unit) pairs a block keeps in registers";
     return choice;
   }
-  const SmemLayout layout =
-      backward ? make_layout<kTensorCores, sizeof(T)>(int(units), int(4 * hidden), int(batch))
-               : make_layout<kTensorCores, sizeof(T)>(int(4 * units), int(hidden), int(batch));
   const int64_t smem_limit = static_cast<int64_t>(props->sharedMemPerBlockOptin);
+  int k_chunk = 0;
+  SmemLayout layout;
+  if (backward) {
+    // The backward block stages fp32 dgates, 4H columns of them; what does not fit beside the
+    // weights and partial sums is staged in chunks (a few more block barriers per step), the
+    // largest chunk that fits, at least kMinChunk columns.
+    const int four_h = int(4 * hidden);
+    layout = make_layout<kTensorCores, sizeof(T), sizeof(float)>(int(units), four_h, int(batch),
+                                                                four_h);
+    k_chunk = four_h;
+    if (layout.total > smem_limit) {
+      const int64_t a_bytes = layout.p_offset - layout.a_offset;
+      const int64_t other = layout.total - a_bytes;
+      const int64_t row_bytes = int64_t(layout.m_pad) * sizeof(float);
+      const int padding = kTensorCores ? 8 : 0;  // lda = a_cols + padding
+      const int granule = kTensorCores ? 16 : 4;
+      const int64_t fit = smem_limit > other ? (smem_limit - other) / row_bytes - padding : 0;
+      k_chunk = static_cast<int>(std::max<int64_t>(fit, 0) / granule * granule);
+      if (k_chunk < kMinChunk) {
+        choice.why_not_persistent =
+            "needs " + std::to_string(other + row_bytes * (kMinChunk + padding)) +
+            " bytes of shared memory per block (W_hh columns, partial sums and a " +
+            std::to_string(kMinChunk) + "-column chunk of dgates), the device allows " +
+            std::to_string(smem_limit);
+        return choice;
+      }
+      layout = make_layout<kTensorCores, sizeof(T), sizeof(float)>(int(units), four_h,
+                                                                  int(batch), k_chunk);
+    }
+  } else {
+    layout = make_layout<kTensorCores, sizeof(T), sizeof(T)>(int(4 * units), int(hidden),
+                                                            int(batch), int(hidden));
+  }
   if (layout.total > smem_limit) {
     choice.why_not_persistent = "needs " + std::to_string(layout.total) +
                                 " bytes of shared memory per block, the device allows " +
@@ -1087,6 +1207,7 @@ Choice plan_persistent(bool backward, int64_t batch, int64_t hidden, bool has_pr
   choice.units = static_cast<int>(units);
   choice.blocks = blocks;
   choice.smem = layout.total;
+  choice.k_chunk = k_chunk;
   return choice;
   }
 }
@@ -1106,18 +1227,46 @@ Choice choose_kernel(bool backward, int64_t batch, int64_t hidden, bool has_proj
   return choice;
 }
 
+// Entries of the step table written per launch of fill_step_table_kernel: they travel as the
+// kernel's parameters (3.8 KB, under the 4 KB every architecture accepts).
+constexpr int kTableEntries = 476;
+
+struct StepTableChunk {
+  int64_t values[kTableEntries];
+  int64_t begin;
+  int count;
+};
+
+static_assert(sizeof(StepTableChunk) + sizeof(int64_t*) <= 4096,
+              "fill_step_table_kernel's parameters must fit in 4 KB");
+
+__global__ void fill_step_table_kernel(int64_t* __restrict__ table, const StepTableChunk chunk) {
+  for (int i = threadIdx.x; i < chunk.count; i += blockDim.x) {
+    table[chunk.begin + i] = chunk.values[i];
+  }
+}
+
 // The packed layout's step table (offsets, then live rows) on the device, for the persistent
-// kernel. Written into pinned memory and copied without blocking the host: the caching host
-// allocator records the copy on the current stream and keeps the pinned block until it is done.
-Tensor device_step_table(const Layout& layout, const Tensor& like) {
+// kernel. Its values go to the device as kernel parameters, never through a host buffer: a
+// copy from pinned host memory captured in a CUDA graph would record the buffer's address and
+// each replay would copy whatever a later call left there, while kernel parameters are stored
+// in the graph by value. One launch per kTableEntries entries (2 entries per step).
+Tensor device_step_table(const Layout& layout, const Tensor& like, cudaStream_t stream) {
   if (layout.dense) return Tensor();
   const int64_t steps = static_cast<int64_t>(layout.offset.size());
-  Tensor host = at::empty({steps + static_cast<int64_t>(layout.live.size())},
-                          at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* data = host.data_ptr<int64_t>();
-  std::copy(layout.offset.begin(), layout.offset.end(), data);
-  std::copy(layout.live.begin(), layout.live.end(), data + steps);
-  return host.to(like.device(), /*non_blocking=*/true);
+  Tensor table = at::empty({2 * steps}, like.options().dtype(at::kLong));
+  StepTableChunk chunk;
+  for (int64_t begin = 0; begin < 2 * steps; begin += kTableEntries) {
+    chunk.begin = begin;
+    chunk.count = static_cast<int>(std::min<int64_t>(kTableEntries, 2 * steps - begin));
+    for (int i = 0; i < chunk.count; ++i) {
+      const int64_t entry = begin + i;
+      chunk.values[i] = entry < steps ? layout.offset[entry] : layout.live[entry - steps];
+    }
+    fill_step_table_kernel<<<1, 128, 0, stream>>>(table.data_ptr<int64_t>(), chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return table;
 }
 
 template <typename T>
@@ -1205,7 +1354,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
         constexpr bool kTensorCores = IsMmaType<scalar_t>::value;
         Tensor h_buffer = at::empty({2, batch, hidden}, xg.options());
         h_buffer[0].copy_(h0);
-        const Tensor table = device_step_table(layout, xg);
+        const Tensor table = device_step_table(layout, xg, stream);
         PersistentForwardArgs<scalar_t> args;
         args.xg = xg.data_ptr<scalar_t>();
         args.h0 = h0.data_ptr<scalar_t>();
@@ -1328,10 +1477,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
     if (choice.kernel == Kernel::kPersistent) {
       if constexpr (!std::is_same<scalar_t, double>::value) {
         constexpr bool kTensorCores = IsMmaType<scalar_t>::value;
-        Tensor dgates_buffer = at::empty({2, batch, 4 * hidden}, grad_out.options());
+        Tensor dgates_buffer =
+            at::empty({2, batch, 4 * hidden}, grad_out.options().dtype(at::kFloat));
         grad_h0 = at::empty({batch, hidden}, grad_out.options());
         grad_c0 = at::empty({batch, hidden}, grad_out.options());
-        const Tensor table = device_step_table(layout, grad_out);
+        const Tensor table = device_step_table(layout, grad_out, stream);
         PersistentBackwardArgs<scalar_t> args;
         args.grad_out = grad_out.data_ptr<scalar_t>();
         args.grad_hn = grad_hn.data_ptr<scalar_t>();
@@ -1340,7 +1490,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
         args.w_hh = w_hh.data_ptr<scalar_t>();
         args.gates = gates.data_ptr<float>();
         args.cells = cells.data_ptr<float>();
-        args.dgates_buffer = dgates_buffer.data_ptr<scalar_t>();
+        args.dgates_buffer = dgates_buffer.data_ptr<float>();
         args.grad_xg = grad_xg.data_ptr<scalar_t>();
         args.grad_h0 = grad_h0.data_ptr<scalar_t>();
         args.grad_c0 = grad_c0.data_ptr<scalar_t>();
@@ -1348,6 +1498,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
                                static_cast<int>(batch)};
         args.hidden = static_cast<int>(hidden);
         args.units = choice.units;
+        args.k_chunk = choice.k_chunk;
         args.reverse = reverse;
         launch_persistent<scalar_t>(persistent_kernel_pointer<scalar_t, kTensorCores>(true),
                                     choice, &args);

@@ -77,7 +77,12 @@ def _tanh(x):
 # Step-fused design: forward.
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit
+# Per-step integer arguments (first row, live rows, ...) take a new value at almost every step,
+# and the sequence kernels' T and B at almost every call. Triton specializes integer arguments
+# equal to 1 or divisible by 16 (one more compiled kernel for each such case), so these are
+# listed in do_not_specialize: one compiled kernel serves every step. Sizes that are fixed for
+# a layer (H, P) stay specialized.
+@triton.jit(do_not_specialize=["offset", "live", "prev_offset", "prev_live"])
 def _lstm_fwd_step_kernel(
     # pointers
     xg_ptr, w_hh_ptr, h0_ptr, out_ptr, h_n_ptr, c_state_ptr, r_ptr, gates_ptr, cells_ptr,
@@ -115,6 +120,12 @@ def _lstm_fwd_step_kernel(
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_dtype)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_dtype)
     acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_dtype)
+    # Rows gate * H + j of W_hh, [1, BLOCK_H] each; row * P in int64 (4 * H * P can pass 2^31).
+    w_rows = j.to(tl.int64)
+    w_i = w_hh_ptr + w_rows[None, :] * P
+    w_f = w_hh_ptr + (w_rows + H)[None, :] * P
+    w_g = w_hh_ptr + (w_rows + 2 * H)[None, :] * P
+    w_o = w_hh_ptr + (w_rows + 3 * H)[None, :] * P
     for k0 in range(0, P, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < P
@@ -124,14 +135,14 @@ def _lstm_fwd_step_kernel(
         h_prev += tl.load(h0_ptr + state_rows[:, None] * P + k[None, :],
                           mask=from_h0[:, None] & k_ok[None, :], other=0.0)
         # W_hh[gate * H + j, k] viewed as [BLOCK_K, BLOCK_H] for each gate.
-        w_tile = w_hh_ptr + j[None, :] * P + k[:, None]
         w_mask = k_ok[:, None] & j_ok[None, :]
-        acc_i += tl.dot(h_prev, tl.load(w_tile, mask=w_mask, other=0.0), input_precision="ieee")
-        acc_f += tl.dot(h_prev, tl.load(w_tile + H * P, mask=w_mask, other=0.0),
+        acc_i += tl.dot(h_prev, tl.load(w_i + k[:, None], mask=w_mask, other=0.0),
                         input_precision="ieee")
-        acc_g += tl.dot(h_prev, tl.load(w_tile + 2 * H * P, mask=w_mask, other=0.0),
+        acc_f += tl.dot(h_prev, tl.load(w_f + k[:, None], mask=w_mask, other=0.0),
                         input_precision="ieee")
-        acc_o += tl.dot(h_prev, tl.load(w_tile + 3 * H * P, mask=w_mask, other=0.0),
+        acc_g += tl.dot(h_prev, tl.load(w_g + k[:, None], mask=w_mask, other=0.0),
+                        input_precision="ieee")
+        acc_o += tl.dot(h_prev, tl.load(w_o + k[:, None], mask=w_mask, other=0.0),
                         input_precision="ieee")
 
     rows = (offset + b).to(tl.int64)
@@ -162,7 +173,7 @@ def _lstm_fwd_step_kernel(
         tl.store(h_n_ptr + state_tile, h_new, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset", "live"])
 def _lstm_fwd_proj_kernel(
     # pointers
     r_ptr, w_hr_ptr, out_ptr, h_n_ptr,
@@ -192,8 +203,8 @@ def _lstm_fwd_proj_kernel(
         k_ok = k < H
         r = tl.load(r_ptr + state_rows[:, None] * H + k[None, :],
                     mask=b_live[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_hr_ptr + p[None, :] * H + k[:, None], mask=k_ok[:, None] & p_ok[None, :],
-                    other=0.0).to(acc_dtype)
+        w = tl.load(w_hr_ptr + p.to(tl.int64)[None, :] * H + k[:, None],
+                    mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(acc_dtype)
         acc += tl.dot(r, w, input_precision="ieee")
     h_new = acc.to(out_ptr.dtype.element_ty)
     mask = b_live[:, None] & p_ok[None, :]
@@ -206,7 +217,7 @@ def _lstm_fwd_proj_kernel(
 # Step-fused design: backward (the reverse recurrence).
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset", "live", "prev_live"])
 def _lstm_bwd_dh_kernel(
     # pointers
     dpre_prev_ptr, w_hh_ptr, dh_state_ptr, grad_out_ptr, dh_row_ptr, grad_h_total_ptr,
@@ -239,8 +250,8 @@ def _lstm_bwd_dh_kernel(
         k_ok = k < 4 * H
         dpre = tl.load(dpre_prev_ptr + state_rows[:, None] * (4 * H) + k[None, :],
                        mask=b_prev[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_hh_ptr + k[:, None] * P + p[None, :], mask=k_ok[:, None] & p_ok[None, :],
-                    other=0.0).to(acc_dtype)
+        w = tl.load(w_hh_ptr + k.to(tl.int64)[:, None] * P + p[None, :],
+                    mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(acc_dtype)
         acc += tl.dot(dpre, w, input_precision="ieee")
     state_tile = dh_state_ptr + state_rows[:, None] * P + p[None, :]
     tl.store(state_tile, acc, mask=b_prev[:, None] & p_ok[None, :])
@@ -255,7 +266,7 @@ def _lstm_bwd_dh_kernel(
              dh_row.to(grad_h_total_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset", "live", "prev_live", "c_prev_offset", "c_prev_live"])
 def _lstm_bwd_step_kernel(
     # pointers
     grad_out_ptr, dh_row_ptr, w_hr_ptr, dpre_prev_ptr, w_hh_ptr, dh_state_ptr, dc_state_ptr,
@@ -293,7 +304,7 @@ def _lstm_bwd_step_kernel(
             k_ok = k < P
             dh_row = tl.load(dh_row_ptr + state_rows[:, None] * P + k[None, :],
                              mask=b_live[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_hr_ptr + k[:, None] * H + j[None, :],
+            w = tl.load(w_hr_ptr + k.to(tl.int64)[:, None] * H + j[None, :],
                         mask=k_ok[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
             acc += tl.dot(dh_row, w, input_precision="ieee")
         dr = acc
@@ -304,7 +315,7 @@ def _lstm_bwd_step_kernel(
             k_ok = k < 4 * H
             dpre_prev = tl.load(dpre_prev_ptr + state_rows[:, None] * (4 * H) + k[None, :],
                                 mask=b_prev[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_hh_ptr + k[:, None] * H + j[None, :],
+            w = tl.load(w_hh_ptr + k.to(tl.int64)[:, None] * H + j[None, :],
                         mask=k_ok[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
             acc += tl.dot(dpre_prev, w, input_precision="ieee")
         state_tile = dh_state_ptr + state_rows[:, None] * H + j[None, :]
@@ -363,12 +374,12 @@ def _step_rows(t, T, B, offsets_ptr, lives_ptr, PACKED: tl.constexpr):
         live = tl.load(lives_ptr + t + 1)
     else:
         inside = (t >= 0) & (t < T)
-        offset = tl.where(inside, t * B, 0)
+        offset = tl.where(inside, t.to(tl.int64) * B, 0)
         live = tl.where(inside, B, 0)
     return offset, live
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B"])
 def _lstm_fwd_sequence_kernel(
     # pointers
     xg_ptr, w_hh_ptr, w_hr_ptr, h0_ptr, c0_ptr, out_ptr, h_n_ptr, c_n_ptr, gates_ptr, cells_ptr,
@@ -447,7 +458,7 @@ def _lstm_fwd_sequence_kernel(
              mask=b_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B"])
 def _lstm_bwd_sequence_kernel(
     # pointers
     grad_out_ptr, grad_hn_ptr, grad_cn_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, gates_ptr, cells_ptr,
@@ -693,9 +704,25 @@ def _layout(batch_sizes: torch.Tensor, num_rows: int, batch: int):
 
 def _step_tables(layout, device):
     """Per-step row offsets and live counts as int32 device tensors, padded with a zero entry on
-    each side (see _step_rows)."""
+    each side (see _step_rows).
+
+    While the current CUDA stream is being captured into a graph, the tables are built on the
+    device with no copy from host memory: a captured host-to-device copy would replay from a host
+    buffer that later calls reuse. One fill per run of equal live counts (live counts never
+    increase, so there are at most min(T, B) runs), and the offsets are their cumulative sum.
+    """
     offsets = [0] + [offset for offset, _ in layout] + [0]
     lives = [0] + [live for _, live in layout] + [0]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        lives_table = torch.zeros(len(lives), dtype=torch.int32, device=device)
+        start = 1
+        for end in range(2, len(lives)):
+            if lives[end] != lives[start]:
+                lives_table[start:end].fill_(lives[start])
+                start = end
+        offsets_table = torch.zeros_like(lives_table)
+        offsets_table[1:-1] = torch.cumsum(lives_table[:-2], 0, dtype=torch.int32)
+        return offsets_table, lives_table
     return (torch.tensor(offsets, dtype=torch.int32).to(device),
             torch.tensor(lives, dtype=torch.int32).to(device))
 

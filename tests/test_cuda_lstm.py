@@ -152,23 +152,36 @@ def test_ops_match_specification(cuda_ops, kernel, case, reverse, dtype):
 def test_shapes_beyond_the_persistent_kernel(cuda_ops, monkeypatch, kernel_name):
     """Hidden 2100 in fp32 needs >= 4 x 16 x 2100 x 4 bytes of W_hh per block on any GPU with
     <= 132 SMs, more than any block's shared memory; 2048 rows exceed what a block keeps in
-    registers. `auto` must fall back to the step kernel and stay exact; forcing `persistent`
-    must fail and say why."""
+    registers. The backward kernel's W_hh columns alone (16 x 8400 x 4 bytes) exceed shared
+    memory too, whatever chunk of dgates it stages. `auto` must fall back to the step kernel and
+    stay exact; forcing `persistent` must fail and say why."""
     monkeypatch.setenv("FASTLSTM_CUDA_KERNEL", kernel_name)
     for (batch, hidden), reason in (((2, 2100), "shared memory"), ((2048, 8), "registers")):
         tensors, batch_sizes = op_inputs(batch, hidden, 0, None, torch.float32, steps=2)
         args = on_device(tensors)
         call = (args["xg"], batch_sizes, args["h0"], args["c0"], args["w_hh"], None, True, True)
-        if kernel_name == "persistent":
-            with pytest.raises(RuntimeError, match=reason):
-                cuda_ops.recurrence_forward(*call)
-            continue
-        out = cuda_ops.recurrence_forward(*call)
         spec = as_float64(tensors)
         expected = reference_recurrence_forward(spec["xg"], batch_sizes, spec["h0"], spec["c0"],
                                                 spec["w_hh"], None, True, True)
+        gen = torch.Generator().manual_seed(2)
+        grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in expected[:3]]
+        backward_call = (*[g.float().to(DEVICE) for g in grads], batch_sizes, args["c0"],
+                         args["w_hh"], None, expected[3].float().to(DEVICE),
+                         expected[4].float().to(DEVICE), True)
+        if kernel_name == "persistent":
+            with pytest.raises(RuntimeError, match=reason):
+                cuda_ops.recurrence_forward(*call)
+            with pytest.raises(RuntimeError, match=reason):
+                cuda_ops.recurrence_backward(*backward_call)
+            continue
+        out = cuda_ops.recurrence_forward(*call)
         for name, got, want in zip(("out", "h_n", "c_n", "gates", "cells"), out, expected):
             assert_close(got, want, 5e-5, 5e-5, f"hidden {hidden} batch {batch}: {name}")
+        got = cuda_ops.recurrence_backward(*backward_call)
+        want = reference_recurrence_backward(*grads, batch_sizes, spec["c0"], spec["w_hh"], None,
+                                             expected[3], expected[4], True)
+        for name, g, w in zip(("grad_xg", "grad_h0", "grad_c0"), got, want):
+            assert_close(g, w, 5e-5, 5e-5, f"hidden {hidden} batch {batch}: {name}")
 
 
 def test_forward_without_save_matches(cuda_ops, kernel):
@@ -382,3 +395,160 @@ def test_opcheck(cuda_ops, kernel, case):
                      None if args["w_hr"] is None else args["w_hr"].detach(), out[3], out[4],
                      False)
     torch.library.opcheck(cuda_ops.recurrence_backward.default, backward_args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward in fp16/bf16 (and fp32 at sizes where the persistent kernel stages dgates in chunks)
+# ------------------------------------------------------------------------------------------------
+
+# (batch, hidden, lengths, steps). On a 132-SM H200, hidden 1024 with batch 16 makes the persistent
+# backward stage its 4096 dgates columns in chunks (2 in bf16/fp16, 3 in fp32).
+BACKWARD_CASES = [
+    (16, 256, None, 24),
+    (16, 1024, None, 12),
+    (5, 200, [6, 4, 4, 2, 1], None),
+    (12, 700, [9, 9, 7, 5, 5, 3, 2, 2, 1, 1, 1, 1], None),
+]
+
+
+def backward_errors(cuda_ops, case, dtype, reverse):
+    """Errors of the CUDA backward op and of the specification run in `dtype`, both against the
+    specification in float64, from the same saved forward tensors (the float64 forward's)."""
+    batch, hidden, lengths, steps = case
+    tensors, batch_sizes = op_inputs(batch, hidden, 0, lengths, dtype, seed=11, steps=steps or 3)
+    spec = as_float64(tensors)
+    forward = reference_recurrence_forward(spec["xg"], batch_sizes, spec["h0"], spec["c0"],
+                                           spec["w_hh"], None, reverse, True)
+    gen = torch.Generator().manual_seed(12)
+    grads_in = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in forward[:3]]
+    exact = reference_recurrence_backward(*grads_in, batch_sizes, spec["c0"], spec["w_hh"], None,
+                                          forward[3], forward[4], reverse)
+    low = [g.to(dtype) for g in grads_in]
+    gates, cells = forward[3].float(), forward[4].float()
+    same_dtype = reference_recurrence_backward(*low, batch_sizes, tensors["c0"], tensors["w_hh"],
+                                               None, gates, cells, reverse)
+    got = cuda_ops.recurrence_backward(*[g.to(DEVICE) for g in low], batch_sizes,
+                                       tensors["c0"].to(DEVICE), tensors["w_hh"].to(DEVICE), None,
+                                       gates.to(DEVICE), cells.to(DEVICE), reverse)
+    names = ("grad_xg", "grad_h0", "grad_c0")
+    return names, got[:3], same_dtype[:3], exact[:3]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", BACKWARD_CASES,
+                         ids=lambda c: f"B{c[0]}H{c[1]}" + ("packed" if c[2] else "dense"))
+def test_ops_low_precision_backward(cuda_ops, kernel, case, dtype, reverse):
+    """err(kernel's backward in dtype) <= 2 * err(specification in dtype), both against float64:
+    the gate gradients must reach dh = dgates @ W_hh in fp32, as in the specification."""
+    names, got, same_dtype, exact = backward_errors(cuda_ops, case, dtype, reverse)
+    for name, g, s, e in zip(names, got, same_dtype, exact):
+        assert g.dtype == dtype, name
+        err = (g.double().cpu() - e).abs().max().item()
+        err_spec = (s.double() - e).abs().max().item()
+        assert err <= 2 * err_spec, f"{name}: error {err:.3g} > 2 x {err_spec:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES[1:2] + BACKWARD_CASES[3:],
+                         ids=lambda c: f"B{c[0]}H{c[1]}" + ("packed" if c[2] else "dense"))
+def test_ops_fp32_backward_large(cuda_ops, kernel, case):
+    """fp32 backward at sizes where the persistent kernel stages dgates in several chunks."""
+    names, got, _, exact = backward_errors(cuda_ops, case, torch.float32, False)
+    for name, g, e in zip(names, got, exact):
+        assert_close(g, e, 5e-5, 5e-5, f"fp32 {name}")
+
+
+MODULE_LOW_PRECISION_CASES = [
+    dict(input_size=64, hidden_size=1024, num_layers=1, batch=16, steps=12),
+    dict(input_size=32, hidden_size=200, num_layers=2, bidirectional=True, batch=6, steps=10,
+         lengths=[10, 3, 7, 10, 1, 6]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", MODULE_LOW_PRECISION_CASES, ids=module_case_id)
+def test_module_low_precision_large_within_2x_cudnn(cuda_ops, kernel, case, dtype):
+    """As test_module_low_precision_error_within_2x_cudnn, at a size where the persistent
+    backward stages dgates in chunks, and packed + bidirectional + 2 layers."""
+    exact, _ = make_modules(case, torch.float64)
+    reference, fast = make_modules(case, dtype)
+    reference.load_state_dict(exact.state_dict())
+    fast.load_state_dict(exact.state_dict())
+    x, h0, c0 = module_inputs(case, torch.float64, seed=6)
+    exact_outputs, exact_grads = run_module(exact, case, x, h0, c0)
+    low = [t.to(dtype) for t in (x, h0, c0)]
+    ref_outputs, ref_grads = run_module(reference, case, *low)
+    outputs, grads = run_module(fast, case, *low)
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item()
+
+    worse = []
+    for name, got, ref, want in zip(("output", "h_n", "c_n"), outputs, ref_outputs,
+                                    exact_outputs):
+        if err(got, want) > 2 * err(ref, want):
+            worse.append(f"{name}: {err(got, want):.3g} > 2 x {err(ref, want):.3g}")
+    for name, want in exact_grads.items():
+        if err(grads[name], want) > 2 * err(ref_grads[name], want):
+            worse.append(f"grad {name}: {err(grads[name], want):.3g} > 2 x "
+                         f"{err(ref_grads[name], want):.3g}")
+    assert not worse, f"{dtype}: " + "; ".join(worse)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs: a captured packed forward + backward replays with new data like eager calls
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_forward_backward_in_cuda_graph(cuda_ops, kernel, dtype):
+    """The packed step table must not come from host memory baked into the graph: after the
+    capture, eager calls with other packed layouts of the same length run (they would reuse and
+    overwrite a pinned host buffer), then the graph replays on new data and must equal eager."""
+    lengths = [9, 7, 7, 4, 2, 1]
+    batch, hidden = len(lengths), 64
+    tensors, batch_sizes = op_inputs(batch, hidden, 0, lengths, dtype, seed=21)
+    static = on_device(tensors)
+    rows = int(batch_sizes.sum())
+    gen = torch.Generator().manual_seed(22)
+    static_grads = [torch.randn(shape, generator=gen).to(DEVICE, dtype)
+                    for shape in ((rows, hidden), (batch, hidden), (batch, hidden))]
+
+    def step():
+        out = cuda_ops.recurrence_forward(static["xg"], batch_sizes, static["h0"], static["c0"],
+                                          static["w_hh"], None, False, True)
+        grads = cuda_ops.recurrence_backward(*static_grads, batch_sizes, static["c0"],
+                                             static["w_hh"], None, out[3], out[4], False)
+        return out[:3] + grads[:3]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (occupancy, allocator)
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    # Other layouts with as many steps, run eagerly after the capture.
+    for other in ([6, 6, 5, 5, 5, 5, 5, 5, 5], [6, 2, 2, 2, 1, 1, 1, 1, 1]):
+        other_sizes = torch.tensor(other, dtype=torch.int64)
+        xg = torch.randn(sum(other), 4 * hidden, generator=gen).to(DEVICE, dtype)
+        result = cuda_ops.recurrence_forward(xg, other_sizes, static["h0"], static["c0"],
+                                             static["w_hh"], None, False, True)
+        cuda_ops.recurrence_backward(torch.randn_like(result[0]), torch.randn_like(result[1]),
+                                     torch.randn_like(result[2]), other_sizes, static["c0"],
+                                     static["w_hh"], None, result[3], result[4], False)
+
+    fresh, _ = op_inputs(batch, hidden, 0, lengths, dtype, seed=24)
+    for name in ("xg", "h0", "c0", "w_hh"):
+        static[name].copy_(fresh[name])
+    for grad in static_grads:
+        grad.copy_(torch.randn(grad.shape, generator=gen).to(DEVICE, dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    names = ("out", "h_n", "c_n", "grad_xg", "grad_h0", "grad_c0")
+    for name, got, want in zip(names, captured, eager):
+        assert torch.equal(got, want), (
+            f"{name}: graph replay differs from eager by "
+            f"{(got.double() - want.double()).abs().max().item():.3g}")

@@ -25,25 +25,40 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DESIGNS = ("sequence", "step")
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """On a GPU, nn.LSTM (cuDNN) may multiply fp32 in TF32 unless told not to; every fp32
+    comparison here needs fp32."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 @pytest.fixture(params=DESIGNS)
 def design(request, monkeypatch):
     monkeypatch.setattr(triton_lstm, "DESIGN", request.param)
     return request.param
 
 
-def assert_close(name, got, want, atol):
+def assert_close(name, got, want, atol, rtol=0.0):
+    """|got - want| <= atol + rtol * |want| everywhere (rtol 0 unless a test says otherwise)."""
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
     if got.numel() == 0:
         return
     error = (got.double() - want.double()).abs()
-    worst = int(error.argmax())
+    allowed = atol + rtol * want.double().abs()
+    worst = int((error / allowed).argmax())
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), error.shape))
-    first_bad = (error > atol).nonzero()
-    assert error.max() <= atol, (
-        f"{name}: max abs error {error.max().item():.3g} > {atol:g} at {index} "
-        f"(got {got.reshape(-1)[worst].item():.6g}, want {want.reshape(-1)[worst].item():.6g}); "
-        f"first mismatch at {tuple(first_bad[0].tolist())}, {len(first_bad)} mismatches")
+    first_bad = (~(error <= allowed)).nonzero()  # NaN counts as a mismatch
+    assert len(first_bad) == 0, (
+        f"{name}: error {error.reshape(-1)[worst].item():.3g} > {atol:g} + {rtol:g} x |want| at "
+        f"{index} (got {got.reshape(-1)[worst].item():.6g}, want "
+        f"{want.reshape(-1)[worst].item():.6g}); first mismatch at "
+        f"{tuple(first_bad[0].tolist())}, {len(first_bad)} mismatches; max abs error "
+        f"{error.max().item():.3g}")
 
 
 def lengths_for(batch, steps, generator):
@@ -474,3 +489,232 @@ def test_cuda_fp32_against_fp64(design):
     got_out, _ = run_and_grad(module, packed32, None)
     for name, g, w in zip(("output", "h_n", "c_n"), got_out, want_out):
         assert_close(name, g.double(), w, ATOL_OUT)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: many programs per launch (several batch and hidden tiles) at GPU-sized shapes.
+# ----------------------------------------------------------------------------------------------
+
+# (design, batch, hidden, proj, steps); proj == hidden means no projection. On the GPU the step
+# kernels tile the batch and the hidden units by at most 32 and the sequence kernels the batch
+# by 16, so each shape has several programs per launch, odd sizes and partial tiles.
+GPU_OP_CASES = [
+    ("sequence", 70, 48, 48, 6),
+    ("sequence", 37, 61, 61, 5),
+    ("sequence", 50, 40, 24, 7),
+    ("sequence", 33, 64, 17, 4),
+    ("step", 70, 200, 200, 6),
+    ("step", 37, 61, 61, 5),
+    ("step", 50, 150, 70, 7),
+    ("step", 33, 100, 130, 4),
+    ("step", 1, 300, 300, 3),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("case", GPU_OP_CASES, ids=lambda c: "{}-B{}H{}P{}T{}".format(*c))
+def test_ops_gpu_many_tiles(monkeypatch, case, packed, reverse):
+    design, batch, hidden, proj, steps = case
+    monkeypatch.setattr(triton_lstm, "DESIGN", design)
+    # fp32 on the GPU: the error grows with the reduction length, hence a relative term.
+    (xg, batch_sizes, h0, c0, w_hh, w_hr), (grad_out, grad_hn, grad_cn) = make_case(
+        batch, hidden, proj, steps, packed, seed=5)
+    scale = 1.0 / max(hidden, proj) ** 0.5  # keep the gates out of saturation
+    w_hh = w_hh * scale
+    w_hr = None if w_hr is None else w_hr * scale
+    got = triton_lstm.recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, True)
+    want = _recurrence.reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr,
+                                                    reverse, True)
+    for name, g, w in zip(FORWARD_NAMES, got, want):
+        assert_close(name, g, w, ATOL_OUT, 1e-5)
+    gates, cells = want[3], want[4]
+    got = triton_lstm.recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr,
+                                          gates, cells, reverse)
+    want = _recurrence.reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0,
+                                                     w_hh, w_hr, gates, cells, reverse)
+    for name, g, w in zip(BACKWARD_NAMES, got, want):
+        assert_close(name, g, w, ATOL_GRAD, 1e-4)
+
+
+GPU_MODULE_CASES = [
+    ("sequence", dict(input_size=24, hidden_size=61, num_layers=2, bidirectional=True), 37, 6),
+    ("sequence", dict(input_size=16, hidden_size=48, num_layers=2, bidirectional=True,
+                      proj_size=20), 40, 7),
+    ("step", dict(input_size=24, hidden_size=200, num_layers=2, bidirectional=True), 37, 6),
+    ("step", dict(input_size=16, hidden_size=150, num_layers=2, bidirectional=True,
+                  proj_size=70), 40, 7),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("case", GPU_MODULE_CASES,
+                         ids=lambda c: f"{c[0]}-H{c[1]['hidden_size']}P{c[1].get('proj_size', 0)}")
+def test_module_gpu_many_tiles(monkeypatch, case, packed):
+    """fastlstm.LSTM(backend="triton") against nn.LSTM (cuDNN, fp32 without TF32): two layers,
+    both directions, batches of several tiles, every output and gradient."""
+    design, kwargs, batch, steps = case
+    monkeypatch.setattr(triton_lstm, "DESIGN", design)
+    reference, module = twin_modules(**kwargs)
+    generator = torch.Generator().manual_seed(8)
+    if packed:
+        lengths = lengths_for(batch, steps, generator)
+        lengths = lengths[1::2] + lengths[::2]  # unsorted
+        sequences = [torch.randn(n, kwargs["input_size"], generator=generator).to(DEVICE)
+                     for n in lengths]
+        input = pack_sequence(sequences, enforce_sorted=False)
+        input.data.requires_grad_()
+    else:
+        input = torch.randn(steps, batch, kwargs["input_size"], generator=generator).to(DEVICE)
+        input.requires_grad_()
+    out_size = kwargs.get("proj_size", 0) or kwargs["hidden_size"]
+    layers = kwargs["num_layers"] * 2
+    hx = (torch.randn(layers, batch, out_size, generator=generator).to(DEVICE).requires_grad_(),
+          torch.randn(layers, batch, kwargs["hidden_size"],
+                      generator=generator).to(DEVICE).requires_grad_())
+    want_out, want_grads = run_and_grad(reference, input, hx)
+    got_out, got_grads = run_and_grad(module, input, hx)
+    for name, g, w in zip(("output", "h_n", "c_n"), got_out, want_out):
+        assert_close(name, g, w, ATOL_OUT, 1e-5)
+    names = ["input", "h0", "c0", *[n for n, _ in reference.named_parameters()]]
+    for name, g, w in zip(names, got_grads, want_grads):
+        assert_close(f"grad {name}", g, w, ATOL_GRAD, 1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_many_tiles_packed_bidirectional(design, dtype):
+    """err(triton in dtype) <= LOW_PRECISION_FACTOR * err(cuDNN in dtype), both against nn.LSTM
+    in float64, with several batch and hidden tiles per launch, packed unsorted input, two
+    layers and both directions: every output and every gradient."""
+    hidden = 61 if design == "sequence" else 200
+    kwargs = dict(input_size=24, hidden_size=hidden, num_layers=2, bidirectional=True)
+    reference = nn.LSTM(**kwargs).to(device=DEVICE, dtype=torch.float64)
+    cudnn = nn.LSTM(**kwargs).to(device=DEVICE, dtype=dtype)
+    module = fastlstm.LSTM(**kwargs, backend="triton").to(device=DEVICE, dtype=dtype)
+    cudnn.load_state_dict(reference.state_dict())
+    module.load_state_dict(reference.state_dict())
+    generator = torch.Generator().manual_seed(9)
+    lengths = lengths_for(40, 12, generator)
+    lengths = lengths[1::2] + lengths[::2]
+    sequences = [torch.randn(n, 24, generator=generator, dtype=torch.float64).to(DEVICE)
+                 for n in lengths]
+    hx = (torch.randn(4, 40, hidden, generator=generator, dtype=torch.float64).to(DEVICE),
+          torch.randn(4, 40, hidden, generator=generator, dtype=torch.float64).to(DEVICE))
+
+    def run(model, cast):
+        packed = pack_sequence([s.to(cast) for s in sequences], enforce_sorted=False)
+        packed.data.requires_grad_()
+        states = tuple(s.to(cast).requires_grad_() for s in hx)
+        outputs, grads = run_and_grad(model, packed, states)
+        return [t.detach().double() for t in outputs + grads]
+
+    exact = run(reference, torch.float64)
+    cudnn_errors = [(t - e).abs().max().item() for t, e in zip(run(cudnn, dtype), exact)]
+    triton_errors = [(t - e).abs().max().item() for t, e in zip(run(module, dtype), exact)]
+    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0",
+             *[f"grad {n}" for n, _ in reference.named_parameters()]]
+    assert len(names) == len(exact)
+    worse = [f"{name}: triton {t:.3g} > {LOW_PRECISION_FACTOR} x cudnn {c:.3g}"
+             for name, t, c in zip(names, triton_errors, cudnn_errors)
+             if t > LOW_PRECISION_FACTOR * c]
+    assert not worse, "; ".join(worse)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: per-step arguments do not make Triton compile again; CUDA graph capture.
+# ----------------------------------------------------------------------------------------------
+
+def _compiled_variants(kernel):
+    """How many compiled kernels a @triton.jit function holds, over all devices."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:  # Triton 3.2+: device -> (kernel_cache, ...)
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(cache) for cache in kernel.cache.values())  # Triton 3.0, 3.1
+
+
+def _run_ops(batch_sizes, batch, hidden, proj, reverse, seed=0):
+    """Forward (saving) and backward of the ops on packed rows with these batch sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = int(sum(batch_sizes))
+
+    def randn(*shape):
+        return (0.3 * torch.randn(*shape, generator=generator)).to(DEVICE)
+
+    sizes = torch.tensor(batch_sizes, dtype=torch.int64)
+    w_hr = randn(proj, hidden) if proj != hidden else None
+    c0, w_hh = randn(batch, hidden), randn(4 * hidden, proj)
+    out = triton_lstm.recurrence_forward(randn(rows, 4 * hidden), sizes, randn(batch, proj), c0,
+                                         w_hh, w_hr, reverse, True)
+    triton_lstm.recurrence_backward(randn(rows, proj), randn(batch, proj), randn(batch, hidden),
+                                    sizes, c0, w_hh, w_hr, out[3], out[4], reverse)
+
+
+@pytest.mark.cuda
+def test_kernels_compile_once_for_all_step_values(monkeypatch):
+    """Triton specializes integer arguments equal to 1 or divisible by 16; the per-step ones
+    (offsets, live rows) and the sequence kernels' T and B must not be, or new step values
+    compile new kernels. A first round compiles what these shapes need (both batch tile sizes);
+    a second round with other step values, 1 and multiples of 16 among them, compiles nothing."""
+    names = ("_lstm_fwd_step_kernel", "_lstm_fwd_proj_kernel", "_lstm_bwd_dh_kernel",
+             "_lstm_bwd_step_kernel", "_lstm_fwd_sequence_kernel", "_lstm_bwd_sequence_kernel")
+    kernels = {name: getattr(triton_lstm, name) for name in names}
+    rounds = (
+        [("step", [37, 35, 21, 19, 3]), ("sequence", [37, 35, 21, 19, 3])],
+        [("step", [48, 32, 17, 16, 1]), ("step", [33, 33, 33, 32, 31, 30, 1, 1]),
+         ("sequence", [48, 32, 17, 16, 1]), ("sequence", [1] * 16), ("sequence", [16, 16])],
+    )
+    counts = []
+    for round_ in rounds:
+        for design, batch_sizes in round_:
+            monkeypatch.setattr(triton_lstm, "DESIGN", design)
+            for proj in (40, 24):
+                for reverse in (False, True):
+                    _run_ops(batch_sizes, batch_sizes[0], 40, proj, reverse)
+        torch.cuda.synchronize()
+        counts.append({name: _compiled_variants(kernel) for name, kernel in kernels.items()})
+    assert all(counts[0][name] > 0 for name in names), counts[0]
+    grown = {name: (counts[0][name], counts[1][name]) for name in names
+             if counts[1][name] != counts[0][name]}
+    assert not grown, f"kernels compiled again for new step values (before, after): {grown}"
+
+
+@pytest.mark.cuda
+def test_packed_forward_backward_in_cuda_graph(design):
+    """Captured in a CUDA graph, a packed forward + backward must replay like eager calls on new
+    data, also after eager calls with other packed layouts of as many steps (the step tables of
+    the sequence kernels must not come from host memory baked into the graph)."""
+    (xg, batch_sizes, h0, c0, w_hh, w_hr), grads = make_case(6, 40, 24, 9, True, seed=3)
+    static = [xg, h0, c0, w_hh, w_hr, *grads]
+
+    def step():
+        out = triton_lstm.recurrence_forward(static[0], batch_sizes, static[1], static[2],
+                                             static[3], static[4], False, True)
+        back = triton_lstm.recurrence_backward(*static[5:], batch_sizes, static[2], static[3],
+                                               static[4], out[3], out[4], False)
+        return list(out[:3]) + list(back)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and load the kernels outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    for other in ([6, 6, 5, 5, 5, 5, 5, 5, 5], [6, 2, 2, 2, 1, 1, 1, 1, 1]):
+        _run_ops(other, 6, 40, 24, False, seed=4)
+    generator = torch.Generator().manual_seed(7)
+    for target in static:  # new data, same shapes
+        target.copy_(torch.randn(target.shape, generator=generator).to(DEVICE) * target.std())
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    names = ("out", "h_n", "c_n", *BACKWARD_NAMES)
+    for name, got, want in zip(names, captured, eager):
+        assert torch.equal(got, want), (
+            f"{name}: graph replay differs from eager by "
+            f"{(got.double() - want.double()).abs().max().item():.3g}")
