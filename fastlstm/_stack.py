@@ -6,7 +6,8 @@ The regularizers of fastlstm.LSTM live here and in the recurrence ops:
                   never replaced: the backends multiply by W_hh * mask and W_hh's gradient is the
                   masked product's gradient times the mask. The cpu op takes the mask itself and
                   applies it while packing W_hh for its own step GEMM (no extra pass; on the BLAS
-                  paths it multiplies a copy). torch, triton and cuda get the masked temporary
+                  paths it multiplies a copy). torch, triton and cuda (whose kernels read W_hh in
+                  place, without a packing pass to fold it into) get the masked temporary
                   w_hh * mask from here: one elementwise pass over [4H, P] per layer and
                   direction, against the T GEMMs with W_hh that follow.
   locked_dropout  variational dropout on the input of every layer after the first (AWD-LSTM's
@@ -15,7 +16,8 @@ The regularizers of fastlstm.LSTM live here and in the recurrence ops:
                   output (AWD-LSTM's dropouti / dropout): those belong to the model around the
                   LSTM (fastlstm.lm.LSTMLanguageModel applies them).
   zoneout         inside the recurrence ops (it changes what the next step sees): see
-                  _recurrence.py. One seed per forward from torch's generator; layer/direction
+                  _recurrence.py. The cpu and torch backends have it; triton and cuda raise
+                  NotImplementedError. One seed per forward from torch's generator; layer/direction
                   index picks the stream, so every mask is reproducible from torch.manual_seed.
 All three act in training only; in evaluation weight_drop and locked_dropout are the identity and
 zoneout uses its expectation (h = z h_prev + (1 - z) h_new).
@@ -114,7 +116,7 @@ def layer_function(backend: str):
         # H=128) and, where its own step GEMM runs, computes each step's x @ W_ih^T right before
         # h @ W_hh^T, so the [N, 4H] input gates never go through memory (csrc/lstm_cpu.cpp).
         return _fused_layer(_extension.recurrence_forward, projection_in_op=True, takes_mask=True)
-    return _fused_layer(_extension.recurrence_forward, takes_mask=True)
+    return _fused_layer(_extension.recurrence_forward)
 
 
 def _locked_dropout(x, batch_sizes, batch, p):
@@ -141,6 +143,11 @@ def lstm_stack(x, batch_sizes, h0_all, c0_all, layer_weights, *, num_layers, bid
     directions = 2 if bidirectional else 1
     reg = regularizers if regularizers is not None and regularizers.active else None
     zoneout_on = reg is not None and (reg.zoneout_h > 0 or reg.zoneout_c > 0)
+    if zoneout_on and backend in ("triton", "cuda"):
+        raise NotImplementedError(
+            f"fastlstm.LSTM: zoneout runs inside the recurrence kernels of the cpu and torch "
+            f"backends; the {backend} backend's kernels do not have it yet. Use backend='torch' "
+            f"on this device, or weight_drop / locked_dropout, which every backend runs")
     seed = 0
     if zoneout_on and training:
         # One draw from torch's (CPU) generator per forward; no device sync on CUDA.

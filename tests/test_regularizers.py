@@ -23,6 +23,15 @@ from helpers import cpu_backends
 
 BACKENDS = cpu_backends()
 REGS = dict(weight_drop=0.3, locked_dropout=0.25, zoneout=(0.2, 0.35))
+# Zoneout runs inside the recurrence kernels of these backends; triton and cuda raise.
+ZONEOUT_BACKENDS = ("torch", "cpu")
+
+
+def _supported(backend, regs):
+    """`regs` without zoneout on a backend that does not run it."""
+    if backend in ZONEOUT_BACKENDS:
+        return regs
+    return {name: value for name, value in regs.items() if name != "zoneout"}
 
 
 # ---- the specification --------------------------------------------------------------------
@@ -134,6 +143,7 @@ def run_against_spec(monkeypatch, backend, dtype, *, layers=2, bidirectional=Fal
                      packed=False, training=True, regs=REGS, batch_first=False, tol=None):
     torch.manual_seed(0)
     steps, batch, inputs, hidden = 5, 3, 4, 6
+    regs = _supported(backend, regs)
     module = fastlstm.LSTM(inputs, hidden, layers, bidirectional=bidirectional, proj_size=proj,
                            batch_first=batch_first, backend=backend, dtype=dtype, **regs)
     module.train(training)
@@ -183,7 +193,15 @@ def test_training_matches_spec(monkeypatch, backend, bidirectional, proj, packed
                              proj=proj, packed=packed)
     directions = 2 if bidirectional else 1
     assert len(masks["weight_drop"]) == 2 * directions
-    assert len(masks["locked_dropout"]) == 1 and len(masks["zoneout_seed"]) == 1
+    assert len(masks["locked_dropout"]) == 1
+    assert len(masks["zoneout_seed"]) == (1 if backend in ZONEOUT_BACKENDS else 0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ZONEOUT_BACKENDS])
+def test_zoneout_unsupported_backend_says_so(backend):
+    module = fastlstm.LSTM(4, 6, backend=backend, zoneout=0.1)
+    with pytest.raises(NotImplementedError, match=f"zoneout .* {backend} backend"):
+        module(torch.randn(3, 2, 4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,10 +209,11 @@ def test_training_matches_spec_fp32_batch_first(monkeypatch, backend):
     run_against_spec(monkeypatch, backend, torch.float32, batch_first=True, bidirectional=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("regs", [dict(weight_drop=0.5), dict(locked_dropout=0.5),
-                                  dict(zoneout=0.3), dict(zoneout=(0.0, 0.4)),
-                                  dict(zoneout=(0.4, 0.0))])
+@pytest.mark.parametrize("backend,regs", [
+    (backend, regs) for backend in BACKENDS
+    for regs in [dict(weight_drop=0.5), dict(locked_dropout=0.5), dict(zoneout=0.3),
+                 dict(zoneout=(0.0, 0.4)), dict(zoneout=(0.4, 0.0))]
+    if "zoneout" not in regs or backend in ZONEOUT_BACKENDS])
 def test_each_regularizer_alone(monkeypatch, backend, regs):
     run_against_spec(monkeypatch, backend, torch.float64, regs=regs, bidirectional=True)
 
@@ -362,7 +381,8 @@ def test_mask_rates_and_reproducibility(monkeypatch, p):
     assert torch.equal(first, again)
     weight = masks["weight_drop"][(0, 0)]
     assert abs((weight == 0).double().mean().item() - p) < 0.01
-    assert set(weight.unique().tolist()) <= {0.0, pytest.approx(1 / (1 - p))}
+    values = weight.unique().tolist()
+    assert len(values) == 2 and values[0] == 0 and abs(values[1] - 1 / (1 - p)) < 1e-6
     locked = masks["locked_dropout"][0]
     assert locked.shape == (300, 64)
     assert masks["zoneout_seed"][0] == masks["zoneout_seed"][1]
