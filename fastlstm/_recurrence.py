@@ -39,7 +39,7 @@ acc dtype is float64 for float64 input and float32 otherwise. The weight gradien
 all rows, done here in Python: dW_hh = grad_xg^T @ h_prev, dW_hr = grad_h_total^T @ (o*tanh(c)).
 
 Regularizers (fastlstm.LSTM's weight_drop, zoneout; locked dropout needs nothing from the ops).
-Both ops take, after their other arguments,
+Both C++ ops take, after their other arguments,
     float zoneout_h=0, float zoneout_c=0, int zoneout_seed=0, bool zoneout_expected=False,
     Tensor? w_hh_mask=None
   zoneout: per row and unit, h and c keep their previous value with a keep weight k:
@@ -53,8 +53,10 @@ Both ops take, after their other arguments,
     reaching h_new (before the mix).
   w_hh_mask [4H, P] (C++ ops only; weight drop): the recurrence multiplies by W_hh * w_hh_mask
     (the cpu backend applies it while packing W_hh for its step GEMM, otherwise on a masked
-    copy); its autograd multiplies W_hh's gradient by the mask. The triton op takes no mask: its
-    caller passes the masked product w_hh * mask as w_hh, and autograd does the rest.
+    copy); its autograd multiplies W_hh's gradient by the mask. The CUDA kernels take neither
+    (their op checks that both are off), nor does the Triton op: for weight drop their caller
+    passes the masked product w_hh * mask as w_hh, and autograd does the rest; zoneout raises
+    NotImplementedError there (fastlstm/_stack.py).
 """
 from __future__ import annotations
 
@@ -292,7 +294,6 @@ def _wants_grad(ctx, index):
 # Names of the optional inputs after `save`, in schema order, per op family.
 CPP_EXTRA_INPUTS = ("bias", "w_ih", "zoneout_h", "zoneout_c", "zoneout_seed", "zoneout_expected",
                     "w_hh_mask")
-TRITON_EXTRA_INPUTS = ("zoneout_h", "zoneout_c", "zoneout_seed", "zoneout_expected")
 _EXTRA_DEFAULTS = {"bias": None, "w_ih": None, "zoneout_h": 0.0, "zoneout_c": 0.0,
                    "zoneout_seed": 0, "zoneout_expected": False, "w_hh_mask": None}
 

@@ -137,7 +137,8 @@ def _options(args, argv, prog) -> runner.Options:
                              f"{args.regularizers!r}")
         regularizers = dict(zip(("weight_drop", "locked_dropout", "zoneout"), values))
     return runner.Options(
-        regularizers=regularizers, device=args.device, dtype=args.dtype, baseline_dtype=args.baseline_dtype,
+        regularizers=regularizers,
+        device=args.device, dtype=args.dtype, baseline_dtype=args.baseline_dtype,
         suites=tuple(suites), backends=tuple(backends) if backends else None,
         shapes=shapes.parse_shapes_option(args.shapes) or None, rounds=args.repeats,
         warmup=args.warmup, quick=args.quick, decode_tokens=args.decode_tokens,
