@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTLSTM_HD __host__ __device__ __forceinline__
@@ -71,6 +72,58 @@ FASTLSTM_HD void cell_backward(const GateValues<Acc>& gates, Acc c, Acc c_prev, 
   grads.g = dc * gates.i * (Acc(1) - gates.g * gates.g);
   grads.o = dr * tc * gates.o * (Acc(1) - gates.o);
   dc_prev = dc * gates.f;
+}
+
+// ---- zoneout ---------------------------------------------------------------------------------
+// Per row and unit, h (c) keeps its previous value with a keep weight k: 1 with probability p,
+// else 0, from a counter-based hash of (seed, stream, row, unit), so the backward regenerates the
+// forward's masks and no mask goes through memory; in evaluation k = p. The hash is written out
+// in fastlstm/_recurrence.py (zoneout_keep), the specification of every backend's masks.
+
+FASTLSTM_HD uint32_t zoneout_hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x1b873593u;
+  return x ^ (x >> 16);
+}
+
+// The key of one mask: stream 0 for h, 1 for c.
+FASTLSTM_HD uint32_t zoneout_key(uint64_t seed, uint32_t stream) {
+  return zoneout_hash32(static_cast<uint32_t>(seed) ^
+                        zoneout_hash32(static_cast<uint32_t>(seed >> 32) ^
+                                       zoneout_hash32(stream + 1u)));
+}
+
+// Whether element e = row * units + unit (mod 2^32) keeps its previous value.
+FASTLSTM_HD bool zoneout_keeps(uint32_t key, uint32_t threshold, uint32_t element) {
+  return zoneout_hash32(zoneout_hash32(element ^ key) + key) < threshold;
+}
+
+// Both masks of one layer and direction. `expected`: evaluation, k = p.
+struct ZoneoutMasks {
+  bool h = false, c = false, expected = false;
+  double prob_h = 0, prob_c = 0;
+  uint32_t key_h = 0, key_c = 0, threshold_h = 0, threshold_c = 0;
+};
+
+inline uint32_t zoneout_threshold(double probability) {
+  const double scaled = probability * 4294967296.0;
+  return scaled >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(scaled);
+}
+
+inline ZoneoutMasks make_zoneout_masks(double prob_h, double prob_c, int64_t seed, bool expected) {
+  ZoneoutMasks masks;
+  masks.h = prob_h > 0;
+  masks.c = prob_c > 0;
+  masks.expected = expected;
+  masks.prob_h = prob_h;
+  masks.prob_c = prob_c;
+  masks.key_h = zoneout_key(static_cast<uint64_t>(seed), 0);
+  masks.key_c = zoneout_key(static_cast<uint64_t>(seed), 1);
+  masks.threshold_h = zoneout_threshold(prob_h);
+  masks.threshold_c = zoneout_threshold(prob_c);
+  return masks;
 }
 
 }  // namespace fastlstm

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cell.h"
+
 namespace fastlstm {
 namespace cpu {
 
@@ -27,6 +29,14 @@ struct ForwardStep {
   T* cells;              // [live, H] copy of the new c, or nullptr
   T* r;                  // [live, r_stride]: o * tanh(c)
   int64_t r_stride;
+  // Zoneout (cell.h), or nullptr. c is mixed in the kernel (`cells` then saves the mixed c);
+  // with mix_h, r is h and is mixed with h_prev (rows b < h_prev_live) or h0.
+  const ZoneoutMasks* zoneout = nullptr;
+  int64_t row_base = 0;  // packed row index of live row 0: masks are per (row, unit)
+  bool mix_h = false;
+  const T* h_prev = nullptr;
+  int64_t h_prev_live = 0;
+  const T* h0 = nullptr;  // [B, r_stride]
 };
 
 // Pointers of one backward step; a call handles the units [unit_begin, unit_end).
@@ -44,6 +54,13 @@ struct BackwardStep {
   const T* grad_out;    // [live, dh_stride] added to dh, or nullptr
   T* dc;                // [B, H] gradient reaching c, updated in place
   T* grad_gates;        // [live, 4H] pre-activation gate gradients out
+  // Zoneout (cell.h), or nullptr. With the c mask, `cells` holds the mixed c and the kernel
+  // recomputes c_new = f c_prev + i g. With dh_carry (no projection), the h mask splits the
+  // gradient reaching h: (1 - k) of it goes into the cell, k of it is written to dh_carry
+  // [live, dh_stride] for the step before (the caller then adds grad_gates @ W_hh to it).
+  const ZoneoutMasks* zoneout = nullptr;
+  int64_t row_base = 0;
+  T* dh_carry = nullptr;
 };
 
 // The entry points of one instruction set, named <name>_<suffix>: defined by

@@ -205,14 +205,17 @@ class FixedRightGemm {
 
   // Packs B for the own kernel into the memory reserve_own() took; B is given as for prepare(),
   // with `columns` saying which column (or, transposed, row) of `b` each of B's n columns is.
+  // With `mask` (laid out as b; float32 packing only), B is b * mask.
   void pack_own(const T* b, int64_t ldb, bool b_transposed, int64_t k, int64_t n,
-                PackColumns columns) {
+                PackColumns columns, const T* mask = nullptr) {
     k_ = k;
     n_ = n;
     if constexpr (std::is_same<T, float>::value) {
       if (bf16_packed_ != nullptr) step_gemm_pack_bf16(b, ldb, b_transposed, k, n, bf16_packed_,
                                                        columns);
-      if (own_packed_ != nullptr) step_gemm_pack(b, ldb, b_transposed, k, n, own_packed_, columns);
+      if (own_packed_ != nullptr) {
+        step_gemm_pack(b, ldb, b_transposed, k, n, own_packed_, columns, mask);
+      }
     }
   }
 
@@ -505,13 +508,20 @@ void round_through(float* h, int64_t ld, int64_t r0, int64_t r1, int64_t u0, int
 // Otherwise `input` is the input gates [N, 4H].
 // With `round_h` fp16 or bf16 (T float32 only), every step's h is rounded to that dtype as soon as
 // it is computed: the contract's float32 computation for fp16 / bf16 inputs, on float32 copies.
+// Regularizers: `w_mask` [4H, H] (weight drop) multiplies W_hh: applied while packing for the own
+// step GEMM, which copies W_hh into panels every call anyway, else on a masked copy made here
+// (the BLAS reads W_hh in place); `zoneout` (cell.h) mixes h and c in the cell pass.
 template <typename T>
 void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
-                   const Tensor& input, const Tensor* w_ih, const T* bias, const Tensor& w_hh,
+                   const Tensor& input, const Tensor* w_ih, const T* bias, const Tensor& w_hh_in,
                    const Tensor& h0, Tensor& c, Tensor& out, Tensor& gates, Tensor& cells,
-                   bool save, Tensor& h_n, at::ScalarType round_h = at::kFloat) {
+                   bool save, Tensor& h_n, at::ScalarType round_h = at::kFloat,
+                   const Tensor* w_mask = nullptr, const ZoneoutMasks* zoneout = nullptr) {
   const int64_t batch = h0.size(0);
   const SplitPlan plan(sizes, hidden, batch, sizeof(T));
+  const bool mask_in_pack = w_mask != nullptr && plan.own && round_h != at::kBFloat16;
+  const Tensor w_hh = w_mask != nullptr && !mask_in_pack ? w_hh_in * *w_mask : w_hh_in;
+  const T* w_mask_data = mask_in_pack ? w_mask->data_ptr<T>() : nullptr;
   const int64_t steps = plan.steps, parts = plan.parts;
   const std::vector<int64_t>& offsets = plan.offsets;
   const Partition& split = plan.split;
@@ -564,7 +574,7 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
         // Column j of the part's B is gate j / n of unit u0 + j % n: row (j / n) H + u0 + j % n
         // of W (all of W, in order, when the part has every unit).
         const PackColumns columns{n, hidden, u0};
-        products[k].pack_own(packed_data, hidden, true, hidden, 4 * n, columns);
+        products[k].pack_own(packed_data, hidden, true, hidden, 4 * n, columns, w_mask_data);
         if (fused) {
           projections[k].pack_own(packed_ih_data, input_size, true, input_size, 4 * n, columns);
         }
@@ -627,6 +637,12 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
         step.cells = save ? cells_data + offset * hidden : nullptr;
         step.r = out_data + offset * hidden;
         step.r_stride = hidden;
+        step.zoneout = zoneout;
+        step.row_base = offset;
+        step.mix_h = true;
+        step.h_prev = h_prev;
+        step.h_prev_live = carried;
+        step.h0 = h0_data;
         forward_rows(step, r0, r1);
         if constexpr (std::is_same<T, float>::value) {
           if (round_h == at::kBFloat16) {
@@ -663,11 +679,19 @@ void forward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
 
 template <typename T>
 void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
-                    const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
+                    const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh_in,
                     const Tensor& gates, const Tensor& cells, Tensor& dh, Tensor& dc,
-                    Tensor& grad_xg) {
+                    Tensor& grad_xg, const Tensor* w_mask = nullptr,
+                    const ZoneoutMasks* zoneout = nullptr) {
   const int64_t batch = dh.size(0);
   const SplitPlan plan(sizes, hidden, batch, sizeof(T));
+  // As in forward_split: the weight mask in the own GEMM's packing, else on a masked copy.
+  const bool mask_in_pack = w_mask != nullptr && plan.own;
+  const Tensor w_hh = w_mask != nullptr && !mask_in_pack ? w_hh_in * *w_mask : w_hh_in;
+  const T* w_mask_data = mask_in_pack ? w_mask->data_ptr<T>() : nullptr;
+  // Zoneout of h: the cell pass writes k * (gradient reaching h) into dh, and the step's
+  // product then adds grad_gates @ W_hh to it.
+  const bool carry_h = zoneout != nullptr && zoneout->h;
   const int64_t steps = plan.steps, parts = plan.parts;
   const std::vector<int64_t>& offsets = plan.offsets;
   const Partition& split = plan.split;
@@ -704,7 +728,8 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
       const int64_t u0 = split.unit_begin(k), n = split.unit_end(k, hidden) - u0;
       if (plan.own) {
         // Column j of the part's B [4H, n] is column u0 + j of W_hh.
-        products[k].pack_own(packed_data, hidden, false, 4 * hidden, n, PackColumns{0, 0, u0});
+        products[k].pack_own(packed_data, hidden, false, 4 * hidden, n, PackColumns{0, 0, u0},
+                             w_mask_data);
       } else {
         products[k].prepare(packed_data + 4 * hidden * u0, n, false,
                             split.row_end(k, batch) - split.row_begin(k, batch), 4 * hidden, n,
@@ -733,6 +758,9 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
         step.grad_out = grad_out_data + offset * hidden;
         step.dc = dc_data;
         step.grad_gates = grad_gates;
+        step.zoneout = zoneout;
+        step.row_base = offset;
+        step.dh_carry = carry_h ? dh_data : nullptr;
         backward_rows(step, split.row_begin(k, live), split.row_end(k, live));
       }
       // By units, every part's gate gradients of this step are written before any thread
@@ -757,7 +785,7 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
           prefetch_columns(grad_out_data + (next_offset + n0) * hidden, n1 - n0, hidden, u0, u1);
         }
         products[k].run(r1 - r0, grad_gates + r0 * 4 * hidden, 4 * hidden,
-                        dh_data + r0 * hidden + u0, hidden);
+                        dh_data + r0 * hidden + u0, hidden, carry_h);
       }
     }
   });
@@ -765,10 +793,28 @@ void backward_split(const std::vector<int64_t>& sizes, bool reverse, int64_t hid
 
 // ---- forward --------------------------------------------------------------------------------
 
+// Zoneout keep weights of h for rows [row_base, row_base + live) and `units` units, as a tensor
+// (the projection paths mix h after their GEMM with tensor operations).
+template <typename T>
+Tensor zoneout_keep_h(const ZoneoutMasks& masks, int64_t row_base, int64_t live, int64_t units,
+                      const at::TensorOptions& options) {
+  if (masks.expected) return at::full({live, units}, static_cast<T>(masks.prob_h), options);
+  Tensor keep = at::empty({live, units}, options);
+  T* data = keep.data_ptr<T>();
+  for (int64_t b = 0; b < live; ++b) {
+    for (int64_t u = 0; u < units; ++u) {
+      const uint32_t element = static_cast<uint32_t>((row_base + b) * units + u);
+      data[b * units + u] = zoneout_keeps(masks.key_h, masks.threshold_h, element) ? T(1) : T(0);
+    }
+  }
+  return keep;
+}
+
 template <typename T>
 void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
                   const Tensor& input_gates, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                  Tensor& h, Tensor& c, Tensor& out, Tensor& gates, Tensor& cells, bool save) {
+                  Tensor& h, Tensor& c, Tensor& out, Tensor& gates, Tensor& cells, bool save,
+                  const ZoneoutMasks* zoneout = nullptr) {
   const int64_t steps = static_cast<int64_t>(sizes.size());
   const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = h.size(0);
@@ -809,8 +855,17 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
     step.cells = save ? cells_data + offset * hidden : nullptr;
     step.r = w_hr.has_value() ? r_data : h_data;
     step.r_stride = w_hr.has_value() ? hidden : proj;
+    step.zoneout = zoneout;  // c only: h is mixed below, after the projection
+    step.row_base = offset;
     forward_step(step, live);
-    if (w_hr.has_value()) {
+    if (w_hr.has_value() && zoneout != nullptr && zoneout->h) {
+      Tensor h_new = at::empty({live, proj}, h.options());
+      step_gemm<T>(false, true, live, proj, hidden, r_data, hidden, w_hr_data, hidden,
+                   h_new.data_ptr<T>(), proj);
+      const Tensor keep = zoneout_keep_h<T>(*zoneout, offset, live, proj, h.options());
+      Tensor h_live = h.narrow(0, 0, live);
+      h_live.copy_(keep * h_live + (1 - keep) * h_new);
+    } else if (w_hr.has_value()) {
       // h = r @ W_hr^T, W_hr being [P, H].
       step_gemm<T>(false, true, live, proj, hidden, r_data, hidden, w_hr_data, hidden, h_data,
                    proj);
@@ -828,9 +883,12 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
 // otherwise as one product up front.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     const Tensor& xg_in, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_hh, const std::optional<Tensor>& w_hr, bool reverse, bool save,
-    const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih) {
+    const Tensor& w_hh_in, const std::optional<Tensor>& w_hr, bool reverse, bool save,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih, double zoneout_h,
+    double zoneout_c, int64_t zoneout_seed, bool zoneout_expected,
+    const std::optional<Tensor>& w_hh_mask) {
   const char* op = "fastlstm::recurrence_forward";
+  const Tensor& w_hh = w_hh_in;
   const char* first = w_ih.has_value() ? "x" : "xg";
   TORCH_CHECK(xg_in.dim() == 2, op, ": ", first, " must be 2-D [N, ",
               w_ih.has_value() ? "input_size" : "4*hidden", "], got shape ", xg_in.sizes());
@@ -859,6 +917,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
   check_tensor(op, h0, "h0", "[B, P]", {batch, proj}, dtype);
   check_tensor(op, w_hh, "w_hh", "[4*hidden, P]", {4 * hidden, proj}, dtype);
   if (bias.has_value()) check_tensor(op, *bias, "bias", "[4*hidden]", {4 * hidden}, dtype);
+  if (w_hh_mask.has_value()) {
+    check_tensor(op, *w_hh_mask, "w_hh_mask", "[4*hidden, P]", {4 * hidden, proj}, dtype);
+  }
+  TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
+              ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
+  const ZoneoutMasks zone_masks =
+      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected);
+  const ZoneoutMasks* zoneout = zoneout_h > 0 || zoneout_c > 0 ? &zone_masks : nullptr;
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
   // Every argument checked: the input projection, fused into the steps where forward_split runs
   // them on the own step GEMM, otherwise one product here.
@@ -875,14 +941,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
   if (!w_hr.has_value() && dtype == acc) {
     // fp32/fp64 without projection: h lives in `out`, the steps split over threads by units.
     Tensor h_n = at::empty_like(h0);
+    const Tensor* mask = w_hh_mask.has_value() ? &*w_hh_mask : nullptr;
     if (acc == at::kDouble) {
       forward_split<double>(sizes, reverse, hidden, xg, nullptr,
                             bias.has_value() ? bias->data_ptr<double>() : nullptr, w_hh, h0, c,
-                            out, gates, cells, save, h_n);
+                            out, gates, cells, save, h_n, at::kFloat, mask, zoneout);
     } else {
       forward_split<float>(sizes, reverse, hidden, xg, fused ? &*w_ih : nullptr,
                            bias.has_value() ? bias->data_ptr<float>() : nullptr, w_hh, h0, c,
-                           out, gates, cells, save, h_n);
+                           out, gates, cells, save, h_n, at::kFloat, mask, zoneout);
     }
     return {out, h_n, c, gates, cells};
   }
@@ -891,29 +958,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     // after every step, so `out` holds values of dtype exactly.
     const Tensor input_f = xg.to(at::kFloat).contiguous();
     const Tensor w_ih_f = fused ? w_ih->to(at::kFloat).contiguous() : Tensor();
-    const Tensor w_hh_f = w_hh.to(at::kFloat).contiguous();
+    // The weight mask multiplies in the layer's dtype, as the other backends' w_hh * mask does.
+    const Tensor w_hh_f =
+        (w_hh_mask.has_value() ? w_hh * *w_hh_mask : w_hh).to(at::kFloat).contiguous();
     const Tensor h0_f = h0.to(at::kFloat).contiguous();
     const Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
     Tensor out_f = cached_empty({num_rows, proj}, acc_options);
     Tensor h_n_f = at::empty_like(h0_f);
     forward_split<float>(sizes, reverse, hidden, input_f, fused ? &w_ih_f : nullptr,
                          bias.has_value() ? bias_f.data_ptr<float>() : nullptr, w_hh_f, h0_f, c,
-                         out_f, gates, cells, save, h_n_f, dtype);
+                         out_f, gates, cells, save, h_n_f, dtype, nullptr, zoneout);
     out.copy_(out_f);
     return {out, h_n_f.to(dtype), c.to(dtype), gates, cells};
   }
   Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true);
   const Tensor input_gates =
       bias.has_value() ? at::add(xg.to(acc), bias->to(acc)) : to_acc(xg, acc);
-  const Tensor w_hh_acc = to_acc(w_hh, acc);
+  const Tensor w_hh_acc = to_acc(w_hh_mask.has_value() ? w_hh * *w_hh_mask : w_hh, acc);
   const std::optional<Tensor> w_hr_acc =
       w_hr.has_value() ? std::optional<Tensor>(to_acc(*w_hr, acc)) : std::nullopt;
   if (acc == at::kDouble) {
     forward_loop<double>(sizes, reverse, hidden, input_gates, w_hh_acc, w_hr_acc, h, c, out, gates,
-                         cells, save);
+                         cells, save, zoneout);
   } else {
     forward_loop<float>(sizes, reverse, hidden, input_gates, w_hh_acc, w_hr_acc, h, c, out, gates,
-                        cells, save);
+                        cells, save, zoneout);
   }
   return {out, h.to(dtype), c.to(dtype), gates, cells};
 }
@@ -924,7 +993,8 @@ template <typename T>
 void backward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidden,
                    const Tensor& grad_out, const Tensor& c0, const Tensor& w_hh,
                    const std::optional<Tensor>& w_hr, const Tensor& gates, const Tensor& cells,
-                   Tensor& dh, Tensor& dc, Tensor& grad_xg, Tensor& grad_h_total) {
+                   Tensor& dh, Tensor& dc, Tensor& grad_xg, Tensor& grad_h_total,
+                   const ZoneoutMasks* zoneout = nullptr) {
   const int64_t steps = static_cast<int64_t>(sizes.size());
   const std::vector<int64_t> offsets = step_offsets(sizes);
   const int64_t batch = dh.size(0);
@@ -962,9 +1032,17 @@ void backward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
     step.c0 = c0_data;
     step.dc = dc_data;
     step.grad_gates = direct_grad ? grad_xg_data + offset * 4 * hidden : scratch_data;
+    step.zoneout = zoneout;  // c only: h's zoneout is split off below, before the projection
+    step.row_base = offset;
+    Tensor carry;  // zoneout of h: k * (gradient reaching h), for the step before
     if (w_hr.has_value()) {
       Tensor total = dh_total.narrow(0, 0, live);
       at::add_out(total, dh.narrow(0, 0, live), grad_out.narrow(0, offset, live));
+      if (zoneout != nullptr && zoneout->h) {
+        const Tensor keep = zoneout_keep_h<T>(*zoneout, offset, live, proj, dh.options());
+        carry = keep * total;
+        total.mul_(1 - keep);
+      }
       grad_h_total.narrow(0, offset, live).copy_(total);
       // dr = total @ W_hr, W_hr being [P, H].
       step_gemm<T>(false, false, live, hidden, proj, total.data_ptr<T>(), proj,
@@ -982,13 +1060,16 @@ void backward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidd
     // dh = grad_gates @ W_hh, W_hh being [4H, P].
     step_gemm<T>(false, false, live, proj, 4 * hidden, step.grad_gates, 4 * hidden, w_hh_data,
                  proj, dh_data, proj);
+    if (carry.defined()) dh.narrow(0, 0, live).add_(carry);
   }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
     const Tensor& batch_sizes, const Tensor& c0, const Tensor& w_hh,
-    const std::optional<Tensor>& w_hr, const Tensor& gates, const Tensor& cells, bool reverse) {
+    const std::optional<Tensor>& w_hr, const Tensor& gates, const Tensor& cells, bool reverse,
+    double zoneout_h, double zoneout_c, int64_t zoneout_seed, bool zoneout_expected,
+    const std::optional<Tensor>& w_hh_mask) {
   const char* op = "fastlstm::recurrence_backward";
   TORCH_CHECK(grad_out.dim() == 2, op, ": grad_out must be 2-D [N, P], got shape ",
               grad_out.sizes());
@@ -1017,6 +1098,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   check_tensor(op, gates, "gates", "[N, 4*hidden] (accumulation dtype)", {num_rows, 4 * hidden},
                acc);
   check_tensor(op, cells, "cells", "[N, hidden] (accumulation dtype)", {num_rows, hidden}, acc);
+  if (w_hh_mask.has_value()) {
+    check_tensor(op, *w_hh_mask, "w_hh_mask", "[4*hidden, P]", {4 * hidden, proj}, dtype);
+  }
+  TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
+              ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
+  const ZoneoutMasks zone_masks =
+      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected);
+  const ZoneoutMasks* zoneout = zoneout_h > 0 || zoneout_c > 0 ? &zone_masks : nullptr;
+  const Tensor* mask = w_hh_mask.has_value() ? &*w_hh_mask : nullptr;
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
 
   Tensor grad_xg = cached_empty({num_rows, 4 * hidden}, grad_out.options());
@@ -1025,16 +1115,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   Tensor dc = grad_cn.to(acc, /*non_blocking=*/false, /*copy=*/true);
   const Tensor grad_out_acc = to_acc(grad_out, acc);
   const Tensor c0_acc = to_acc(c0, acc);
-  const Tensor w_hh_acc = to_acc(w_hh, acc);
+  // Low precision and the projection path: the masked weight in the layer's dtype, as in the
+  // forward. fp32/fp64 split path: backward_split applies the mask.
+  const bool split_full = !w_hr.has_value() && dtype == acc;
+  const Tensor w_hh_acc =
+      to_acc(w_hh_mask.has_value() && !split_full ? w_hh * *w_hh_mask : w_hh, acc);
   const std::optional<Tensor> w_hr_acc =
       w_hr.has_value() ? std::optional<Tensor>(to_acc(*w_hr, acc)) : std::nullopt;
-  if (!w_hr.has_value() && dtype == acc) {
+  if (split_full) {
     if (acc == at::kDouble) {
       backward_split<double>(sizes, reverse, hidden, grad_out, c0, w_hh, gates, cells, dh, dc,
-                             grad_xg);
+                             grad_xg, mask, zoneout);
     } else {
       backward_split<float>(sizes, reverse, hidden, grad_out, c0, w_hh, gates, cells, dh, dc,
-                            grad_xg);
+                            grad_xg, mask, zoneout);
     }
     return {grad_xg, dh, dc, grad_h_total};
   }
@@ -1043,16 +1137,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
     // end (backward_loop, too, multiplies the unrounded ones by W_hh).
     Tensor grad_xg_f = cached_empty({num_rows, 4 * hidden}, grad_out_acc.options());
     backward_split<float>(sizes, reverse, hidden, grad_out_acc, c0_acc, w_hh_acc, gates, cells, dh,
-                          dc, grad_xg_f);
+                          dc, grad_xg_f, nullptr, zoneout);
     grad_xg.copy_(grad_xg_f);
     return {grad_xg, dh.to(dtype), dc.to(dtype), grad_h_total};
   }
   if (acc == at::kDouble) {
     backward_loop<double>(sizes, reverse, hidden, grad_out_acc, c0_acc, w_hh_acc, w_hr_acc, gates,
-                          cells, dh, dc, grad_xg, grad_h_total);
+                          cells, dh, dc, grad_xg, grad_h_total, zoneout);
   } else {
     backward_loop<float>(sizes, reverse, hidden, grad_out_acc, c0_acc, w_hh_acc, w_hr_acc, gates,
-                         cells, dh, dc, grad_xg, grad_h_total);
+                         cells, dh, dc, grad_xg, grad_h_total, zoneout);
   }
   return {grad_xg, dh.to(dtype), dc.to(dtype), grad_h_total};
 }

@@ -98,6 +98,24 @@ inline void store(T* ptr, Lanes<T> value, int64_t count) {
   value.v.store(ptr, static_cast<int>(count));
 }
 
+// Zoneout keep weights of units [unit, unit + width) of one row: the hash of cell.h per lane
+// (a fixed-length loop of 32-bit integer operations, which the compiler vectorizes), or the
+// probability itself in evaluation.
+template <typename T>
+inline Lanes<T> zoneout_keep_lanes(const ZoneoutMasks& masks, bool for_h, int64_t element) {
+  const double prob = for_h ? masks.prob_h : masks.prob_c;
+  if (masks.expected) return Lanes<T>(static_cast<T>(prob));
+  const uint32_t key = for_h ? masks.key_h : masks.key_c;
+  const uint32_t threshold = for_h ? masks.threshold_h : masks.threshold_c;
+  constexpr int64_t width = Vectorized<T>::size();
+  alignas(64) T keep[width];
+  const uint32_t first = static_cast<uint32_t>(element);
+  for (int64_t l = 0; l < width; ++l) {
+    keep[l] = zoneout_keeps(key, threshold, first + static_cast<uint32_t>(l)) ? T(1) : T(0);
+  }
+  return Vectorized<T>::loadu(keep);
+}
+
 // The row loops are marked flatten: under lstm_cpu_avx2.cpp's target pragma (rather than
 // -mavx2 on the command line) GCC left Vectorized<T>'s operators, constructors and exp as
 // out-of-line calls, each passing its vector through memory, and the cell arithmetic ran 3-4x
@@ -135,7 +153,22 @@ __attribute__((flatten)) void forward_rows_impl(const ForwardStep<T>& step, int6
       }
       GateValues<Lanes<T>> act{T(0), T(0), T(0), T(0)};
       Lanes<T> c_new(T(0));
-      Lanes<T> out = cell_forward(pre_i, pre_f, pre_g, pre_o, load(c + j, n), act, c_new);
+      const Lanes<T> c_prev = load(c + j, n);
+      Lanes<T> out = cell_forward(pre_i, pre_f, pre_g, pre_o, c_prev, act, c_new);
+      if (step.zoneout != nullptr) {
+        const ZoneoutMasks& masks = *step.zoneout;
+        const int64_t row = step.row_base + b;
+        if (masks.c) {
+          const Lanes<T> keep = zoneout_keep_lanes<T>(masks, false, row * hidden + j);
+          c_new = keep * c_prev + (Lanes<T>(T(1)) - keep) * c_new;
+        }
+        if (masks.h && step.mix_h) {
+          const T* h_prev = b < step.h_prev_live ? step.h_prev + b * step.r_stride
+                                                 : step.h0 + b * step.r_stride;
+          const Lanes<T> keep = zoneout_keep_lanes<T>(masks, true, row * step.r_stride + j);
+          out = keep * load(h_prev + j, n) + (Lanes<T>(T(1)) - keep) * out;
+        }
+      }
       if (gates != nullptr) {
         store(gates + j, act.i, n);
         store(gates + hidden + j, act.f, n);
@@ -170,8 +203,32 @@ __attribute__((flatten)) void backward_rows_impl(const BackwardStep<T>& step, in
       if (grad_out != nullptr) dr = dr + load(grad_out + j, n);
       GateGrads<Lanes<T>> grads{T(0), T(0), T(0), T(0)};
       Lanes<T> dc_prev(T(0));
-      cell_backward(act, load(c + j, n), load(c_prev + j, n), dr, load(dc + j, n), grads,
-                    dc_prev);
+      const Lanes<T> c_before = load(c_prev + j, n);
+      if (step.zoneout != nullptr) {
+        const ZoneoutMasks& masks = *step.zoneout;
+        const int64_t row = step.row_base + b;
+        const Lanes<T> one(T(1));
+        if (masks.h && step.dh_carry != nullptr) {
+          const Lanes<T> keep = zoneout_keep_lanes<T>(masks, true, row * step.dh_stride + j);
+          store(step.dh_carry + b * step.dh_stride + j, keep * dr, n);
+          dr = (one - keep) * dr;
+        }
+        Lanes<T> dc_next = load(dc + j, n);
+        Lanes<T> keep_c(T(0));
+        Lanes<T> c_value = load(c + j, n);
+        if (masks.c) {
+          keep_c = zoneout_keep_lanes<T>(masks, false, row * hidden + j);
+          c_value = act.f * c_before + act.i * act.g;  // c_new; `cells` holds the mixed c
+          const Lanes<T> dc_state = dc_next;
+          dc_next = (one - keep_c) * dc_state;
+          cell_backward(act, c_value, c_before, dr, dc_next, grads, dc_prev);
+          dc_prev = dc_prev + keep_c * dc_state;
+        } else {
+          cell_backward(act, c_value, c_before, dr, dc_next, grads, dc_prev);
+        }
+      } else {
+        cell_backward(act, load(c + j, n), c_before, dr, load(dc + j, n), grads, dc_prev);
+      }
       store(grad_gates + j, grads.i, n);
       store(grad_gates + hidden + j, grads.f, n);
       store(grad_gates + 2 * hidden + j, grads.g, n);

@@ -1288,8 +1288,18 @@ dim3 step_grid(int64_t cols, int64_t rows, int64_t col_tile, int64_t row_tile, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
     const Tensor& xg_in, const Tensor& batch_sizes, const Tensor& h0_in, const Tensor& c0_in,
     const Tensor& w_hh_in, const std::optional<Tensor>& w_hr_in, bool reverse, bool save,
-    const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih) {
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih, double zoneout_h,
+    double zoneout_c, int64_t zoneout_seed, bool zoneout_expected,
+    const std::optional<Tensor>& w_hh_mask) {
   constexpr const char* op = "fastlstm::recurrence_forward (cuda)";
+  // The regularizers' arguments (fastlstm/_recurrence.py): fastlstm.LSTM passes the CUDA op the
+  // masked weight w_hh * mask itself, and zoneout runs on the cpu and torch backends only.
+  (void)zoneout_seed;
+  (void)zoneout_expected;
+  TORCH_CHECK(zoneout_h == 0 && zoneout_c == 0, op,
+              ": zoneout is implemented in the cpu and torch backends only");
+  TORCH_CHECK(!w_hh_mask.has_value(), op, ": w_hh_mask is implemented on the CPU only; pass the "
+              "masked weight w_hh * mask as w_hh");
   TORCH_CHECK(!(w_ih.has_value() && w_ih->defined()), op,
               ": w_ih (the input projection inside the op) is implemented on the CPU only; pass "
               "the input gates x @ W_ih^T as xg");
@@ -1413,8 +1423,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
     const Tensor& grad_out_in, const Tensor& grad_hn_in, const Tensor& grad_cn_in,
     const Tensor& batch_sizes, const Tensor& c0_in, const Tensor& w_hh_in,
     const std::optional<Tensor>& w_hr_in, const Tensor& gates_in, const Tensor& cells_in,
-    bool reverse) {
+    bool reverse, double zoneout_h, double zoneout_c, int64_t zoneout_seed,
+    bool zoneout_expected, const std::optional<Tensor>& w_hh_mask) {
   constexpr const char* op = "fastlstm::recurrence_backward (cuda)";
+  (void)zoneout_seed;
+  (void)zoneout_expected;
+  TORCH_CHECK(zoneout_h == 0 && zoneout_c == 0, op,
+              ": zoneout is implemented in the cpu and torch backends only");
+  TORCH_CHECK(!w_hh_mask.has_value(), op, ": w_hh_mask is implemented on the CPU only; pass the "
+              "masked weight w_hh * mask as w_hh");
   TORCH_CHECK(grad_out_in.is_cuda(), op, ": grad_out must be a CUDA tensor, got ",
               grad_out_in.device());
   TORCH_CHECK(grad_out_in.dim() == 2, op, ": grad_out must be 2-D (rows, proj or hidden), got ",

@@ -30,9 +30,10 @@ inline int64_t step_gemm_packed_floats(int64_t k, int64_t n) {
 }
 
 // Packs B, given as [k, n] (b[kk * ldb + j]) or, with `transposed`, as [n, k] (b[j * ldb + kk]),
-// j mapped through `columns`.
+// j mapped through `columns`. With `mask` (laid out as b), B's elements are b * mask: a weight
+// mask (fastlstm.LSTM's weight_drop) applied in the packing pass itself.
 void step_gemm_pack(const float* b, int64_t ldb, bool transposed, int64_t k, int64_t n,
-                    float* packed, PackColumns columns = {});
+                    float* packed, PackColumns columns = {}, const float* mask = nullptr);
 
 // c[m, n] = a[m, k] @ B, or with `accumulate` c += a @ B (row-major, leading dimensions lda,
 // ldc), B packed by step_gemm_pack. Needs AVX-512F (step_gemm_available()).

@@ -16,7 +16,7 @@ namespace fastlstm {
 namespace cpu {
 
 void step_gemm_pack(const float* b, int64_t ldb, bool transposed, int64_t k, int64_t n,
-                    float* packed, PackColumns columns) {
+                    float* packed, PackColumns columns, const float* mask) {
   const int64_t panels = (n + kStepGemmPanel - 1) / kStepGemmPanel;
   for (int64_t p = 0; p < panels; ++p) {
     float* panel = packed + p * k * kStepGemmPanel;
@@ -27,7 +27,12 @@ void step_gemm_pack(const float* b, int64_t ldb, bool transposed, int64_t k, int
         continue;
       }
       const int64_t source = columns.source(j0 + j);
-      if (transposed) {  // a contiguous source row
+      if (mask != nullptr) {
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const int64_t at = transposed ? source * ldb + kk : kk * ldb + source;
+          panel[kk * kStepGemmPanel + j] = b[at] * mask[at];
+        }
+      } else if (transposed) {  // a contiguous source row
         const float* row = b + source * ldb;
         for (int64_t kk = 0; kk < k; ++kk) panel[kk * kStepGemmPanel + j] = row[kk];
       } else {

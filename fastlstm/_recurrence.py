@@ -37,6 +37,26 @@ Op schemas (namespace `fastlstm` in C++, `fastlstm_triton` for Triton):
           grad_h_total [N,P] dtype (the whole gradient reaching each row's h; [0] without proj))
 acc dtype is float64 for float64 input and float32 otherwise. The weight gradients are GEMMs over
 all rows, done here in Python: dW_hh = grad_xg^T @ h_prev, dW_hr = grad_h_total^T @ (o*tanh(c)).
+
+Regularizers (fastlstm.LSTM's weight_drop, zoneout; locked dropout needs nothing from the ops).
+Both C++ ops take, after their other arguments,
+    float zoneout_h=0, float zoneout_c=0, int zoneout_seed=0, bool zoneout_expected=False,
+    Tensor? w_hh_mask=None
+  zoneout: per row and unit, h and c keep their previous value with a keep weight k:
+      c_new = f * c_prev + i * g;  c = k_c * c_prev + (1 - k_c) * c_new
+      h_new = o * tanh(c_new) (@ W_hr^T);  h = k_h * h_prev + (1 - k_h) * h_new;  out[row] = h
+    k = zoneout_keep(...) below: 1 with probability zoneout_h (zoneout_c), else 0, from a
+    counter-based hash of (zoneout_seed, stream, row, unit), so that the backward regenerates the
+    forward's masks exactly and no [N, H] mask goes through memory; with zoneout_expected
+    (evaluation) k is the probability itself. `cells` saves the state c (after the mix); the
+    backward recomputes c_new = f * c_prev + i * g. With w_hr, grad_h_total is the gradient
+    reaching h_new (before the mix).
+  w_hh_mask [4H, P] (C++ ops only; weight drop): the recurrence multiplies by W_hh * w_hh_mask
+    (the cpu backend applies it while packing W_hh for its step GEMM, otherwise on a masked
+    copy); its autograd multiplies W_hh's gradient by the mask. The CUDA kernels take neither
+    (their op checks that both are off), nor does the Triton op: for weight drop their caller
+    passes the masked product w_hh * mask as w_hh, and autograd does the rest; zoneout raises
+    NotImplementedError there (fastlstm/_stack.py).
 """
 from __future__ import annotations
 
@@ -97,18 +117,83 @@ def previous_hidden(out: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------
+# Zoneout masks: a counter-based hash, the same in every backend (csrc/cell.h, triton_lstm.py).
+# ----------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+# Both multipliers are below 2^31, so a 32-bit value times one fits in an int64: the torch version
+# below is exact without unsigned or overflowing arithmetic.
+_HASH_MUL1, _HASH_MUL2 = 0x7FEB352D, 0x1B873593
+ZONEOUT_H_STREAM, ZONEOUT_C_STREAM = 0, 1
+
+
+def _hash32(x: int) -> int:
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _HASH_MUL1) & _MASK32
+    x ^= x >> 15
+    x = (x * _HASH_MUL2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def zoneout_key(seed: int, stream: int) -> int:
+    """The 32-bit key of one mask (stream ZONEOUT_H_STREAM or ZONEOUT_C_STREAM) of a layer."""
+    seed &= (1 << 64) - 1
+    return _hash32((seed & _MASK32) ^ _hash32((seed >> 32) ^ _hash32(stream + 1)))
+
+
+def zoneout_threshold(probability: float) -> int:
+    """keep = hash < threshold: probability * 2^32, as an integer below 2^32."""
+    return min(int(probability * 4294967296.0), _MASK32)
+
+
+def _hash32_tensor(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _HASH_MUL2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def zoneout_keep(num_rows: int, units: int, probability: float, seed: int, stream: int,
+                 expected: bool, dtype, device) -> torch.Tensor:
+    """Keep weights k [num_rows, units] of one zoneout mask: with `expected` the probability
+    itself, else 1 where hash32(hash32(e ^ key) + key) < threshold with e = row * units + unit
+    (mod 2^32), 0 elsewhere."""
+    if expected:
+        return torch.full((num_rows, units), probability, dtype=dtype, device=device)
+    key = zoneout_key(seed, stream)
+    element = torch.arange(num_rows * units, dtype=torch.int64, device=device) & _MASK32
+    u = _hash32_tensor((_hash32_tensor(element ^ key) + key) & _MASK32)
+    return (u < zoneout_threshold(probability)).to(dtype).reshape(num_rows, units)
+
+
+# ----------------------------------------------------------------------------------------------
 # Plain-torch implementation of the two ops: the specification the kernels are tested against.
 # ----------------------------------------------------------------------------------------------
 
-def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None):
+def _zoneout_masks(num_rows, proj, hidden, zoneout_h, zoneout_c, zoneout_seed, zoneout_expected,
+                   acc, device):
+    keep = lambda p, units, stream: None if p == 0 else zoneout_keep(  # noqa: E731
+        num_rows, units, p, zoneout_seed, stream, zoneout_expected, acc, device)
+    return (keep(zoneout_h, proj, ZONEOUT_H_STREAM), keep(zoneout_c, hidden, ZONEOUT_C_STREAM))
+
+
+def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None,
+                                 zoneout_h=0.0, zoneout_c=0.0, zoneout_seed=0,
+                                 zoneout_expected=False, w_hh_mask=None):
     dtype, acc = xg.dtype, acc_dtype(xg.dtype)
     bias_acc = 0 if bias is None else bias.to(acc)
     num_rows, hidden = xg.shape[0], c0.shape[1]
     batch = h0.shape[0]
     h = h0.to(acc).clone()
     c = c0.to(acc).clone()
+    if w_hh_mask is not None:
+        w_hh = w_hh * w_hh_mask
     w_hh_acc = w_hh.to(acc)
     w_hr_acc = w_hr.to(acc) if w_hr is not None else None
+    keep_h, keep_c = _zoneout_masks(num_rows, h0.shape[1], hidden, zoneout_h, zoneout_c,
+                                    zoneout_seed, zoneout_expected, acc, xg.device)
     out = xg.new_empty(num_rows, h0.shape[1])
     gates = torch.empty(num_rows if save else 0, 4 * hidden, dtype=acc, device=xg.device)
     cells = torch.empty(num_rows if save else 0, hidden, dtype=acc, device=xg.device)
@@ -121,6 +206,10 @@ def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, s
         c_new = f * c[:live] + i * g
         r = o * c_new.tanh()
         h_new = r @ w_hr_acc.t() if w_hr_acc is not None else r
+        if keep_c is not None:
+            c_new = keep_c[rows] * c[:live] + (1 - keep_c[rows]) * c_new
+        if keep_h is not None:
+            h_new = keep_h[rows] * h[:live] + (1 - keep_h[rows]) * h_new
         if dtype != acc:  # the next step reads h as the caller's dtype would hold it
             h_new = h_new.to(dtype).to(acc)
         c[:live] = c_new
@@ -133,14 +222,19 @@ def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, s
 
 
 def reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr,
-                                  gates, cells, reverse):
+                                  gates, cells, reverse, zoneout_h=0.0, zoneout_c=0.0,
+                                  zoneout_seed=0, zoneout_expected=False, w_hh_mask=None):
     dtype, acc = grad_out.dtype, acc_dtype(grad_out.dtype)
     num_rows, hidden = gates.shape[0], c0.shape[1]
     batch = c0.shape[0]
     dh = grad_hn.to(acc).clone()
     dc = grad_cn.to(acc).clone()
+    if w_hh_mask is not None:
+        w_hh = w_hh * w_hh_mask
     w_hh_acc = w_hh.to(acc)
     w_hr_acc = w_hr.to(acc) if w_hr is not None else None
+    keep_h, keep_c = _zoneout_masks(num_rows, grad_out.shape[1], hidden, zoneout_h, zoneout_c,
+                                    zoneout_seed, zoneout_expected, acc, grad_out.device)
     grad_xg = grad_out.new_empty(num_rows, 4 * hidden)
     grad_h_total = grad_out.new_empty(num_rows if w_hr is not None else 0, grad_out.shape[1])
     if batch_sizes.numel() == 0:
@@ -160,23 +254,31 @@ def reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w
         else:
             c_prev = cells_with_init.index_select(0, prev_index[rows])
         i, f, g, o = gates[rows].chunk(4, 1)
-        c = cells[rows]
+        c = cells[rows] if keep_c is None else f * c_prev + i * g  # c_new, before the mix
         dh_row = dh[:live] + grad_out[rows].to(acc)
+        carry_h = 0
+        if keep_h is not None:
+            carry_h = keep_h[rows] * dh_row
+            dh_row = (1 - keep_h[rows]) * dh_row
         if w_hr_acc is not None:
             grad_h_total[rows] = dh_row.to(dtype)
             dr = dh_row @ w_hr_acc
         else:
             dr = dh_row
+        dc_next = dc[:live] if keep_c is None else (1 - keep_c[rows]) * dc[:live]
         tc = c.tanh()
-        dc_total = dc[:live] + dr * o * (1 - tc * tc)
+        dc_total = dc_next + dr * o * (1 - tc * tc)
         d_i = dc_total * g * i * (1 - i)
         d_f = dc_total * c_prev * f * (1 - f)
         d_g = dc_total * i * (1 - g * g)
         d_o = dr * tc * o * (1 - o)
         dpre = torch.cat([d_i, d_f, d_g, d_o], 1)
         grad_xg[rows] = dpre.to(dtype)
-        dh[:live] = dpre @ w_hh_acc
-        dc[:live] = dc_total * f
+        dc_prev = dc_total * f
+        if keep_c is not None:
+            dc_prev = dc_prev + keep_c[rows] * dc[:live]
+        dh[:live] = dpre @ w_hh_acc + carry_h
+        dc[:live] = dc_prev
     return grad_xg, dh.to(dtype), dc.to(dtype), grad_h_total
 
 
@@ -189,22 +291,37 @@ def _wants_grad(ctx, index):
     return index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]
 
 
-def _setup_context(ctx, inputs, output):
-    xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save = inputs[:8]
-    ctx.num_inputs = len(inputs)  # 9 with the C++ op's bias, 10 with its w_ih
-    w_ih = inputs[9] if len(inputs) > 9 else None
-    ctx.projected = w_ih is not None
-    # With w_ih, xg is the layer input x: kept for W_ih's gradient (and W_ih for x's).
-    x_kept = xg if ctx.projected and _wants_grad(ctx, 9) else None
-    w_ih_kept = w_ih if ctx.projected and _wants_grad(ctx, 0) else None
-    out, _h_n, _c_n, gates, cells = output
-    # gates and cells never receive gradients: without this, autograd would fill [N, 4H] and
-    # [N, H] zero tensors for them on every backward (the backward below handles None).
-    ctx.set_materialize_grads(False)
-    ctx.reverse = reverse
-    ctx.has_proj = w_hr is not None
-    ctx.saved = save
-    ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x_kept, w_ih_kept)
+# Names of the optional inputs after `save`, in schema order, per op family.
+CPP_EXTRA_INPUTS = ("bias", "w_ih", "zoneout_h", "zoneout_c", "zoneout_seed", "zoneout_expected",
+                    "w_hh_mask")
+_EXTRA_DEFAULTS = {"bias": None, "w_ih": None, "zoneout_h": 0.0, "zoneout_c": 0.0,
+                   "zoneout_seed": 0, "zoneout_expected": False, "w_hh_mask": None}
+
+
+def _make_setup_context(extra_names):
+    def setup_context(ctx, inputs, output):
+        xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save = inputs[:8]
+        ctx.num_inputs = len(inputs)  # inputs left at their defaults may be missing
+        extra = dict(_EXTRA_DEFAULTS)
+        extra.update(zip(extra_names, inputs[8:]))
+        ctx.index = {name: 8 + position for position, name in enumerate(extra_names)}
+        w_ih = extra["w_ih"]
+        ctx.projected = w_ih is not None
+        # With w_ih, xg is the layer input x: kept for W_ih's gradient (and W_ih for x's).
+        x_kept = xg if ctx.projected and _wants_grad(ctx, ctx.index["w_ih"]) else None
+        w_ih_kept = w_ih if ctx.projected and _wants_grad(ctx, 0) else None
+        out, _h_n, _c_n, gates, cells = output
+        # gates and cells never receive gradients: without this, autograd would fill [N, 4H] and
+        # [N, H] zero tensors for them on every backward (the backward below handles None).
+        ctx.set_materialize_grads(False)
+        ctx.reverse = reverse
+        ctx.has_proj = w_hr is not None
+        ctx.saved = save
+        ctx.zoneout = {name: extra[name] for name in
+                       ("zoneout_h", "zoneout_c", "zoneout_seed", "zoneout_expected")}
+        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x_kept,
+                              w_ih_kept, extra["w_hh_mask"])
+    return setup_context
 
 
 def _grad_w_hh(grad_xg, out, h0, batch_sizes, reverse, mm=torch.mm, addmm=torch.addmm):
@@ -227,40 +344,58 @@ def make_backward(backward_op, mm=None, addmm=None):
     given)."""
 
     def backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
-        batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x, w_ih = ctx.saved_tensors
+        (batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x, w_ih,
+         w_hh_mask) = ctx.saved_tensors
         if not ctx.saved:
             raise RuntimeError("fastlstm: recurrence_forward was called with save=False, so it "
                                "kept nothing for backward; call it with save=True when training")
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
         grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
         grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn.contiguous()
+        zoneout = ctx.zoneout
+        regularized = zoneout["zoneout_h"] > 0 or zoneout["zoneout_c"] > 0
+        extra = ()
+        if regularized or w_hh_mask is not None:
+            extra = (zoneout["zoneout_h"], zoneout["zoneout_c"], zoneout["zoneout_seed"],
+                     zoneout["zoneout_expected"])
+            if w_hh_mask is not None:
+                extra = extra + (w_hh_mask,)
         grad_xg, grad_h0, grad_c0, grad_h_total = backward_op(
-            grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, ctx.reverse)
+            grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, ctx.reverse,
+            *extra)
         grad_w_hh = grad_w_hr = None
         on_cpu = grad_xg.device.type == "cpu"
         mm_ = mm if on_cpu and mm is not None else torch.mm
         addmm_ = addmm if on_cpu and addmm is not None else torch.addmm
         if ctx.needs_input_grad[4]:
             grad_w_hh = _grad_w_hh(grad_xg, out, h0, batch_sizes, ctx.reverse, mm_, addmm_)
+            if w_hh_mask is not None:  # the recurrence multiplied by W_hh * mask
+                grad_w_hh = grad_w_hh * w_hh_mask
         if ctx.has_proj and ctx.needs_input_grad[5]:
             hidden = c0.shape[1]
-            r = (gates[:, 3 * hidden:] * cells.tanh()).to(out.dtype)
+            c_new = cells
+            if zoneout["zoneout_c"] > 0:  # cells hold the mixed state: c_new = f c_prev + i g
+                c_prev = previous_hidden(cells, c0.to(cells.dtype), batch_sizes, ctx.reverse)
+                c_new = (gates[:, hidden:2 * hidden] * c_prev
+                         + gates[:, :hidden] * gates[:, 2 * hidden:3 * hidden])
+            r = (gates[:, 3 * hidden:] * c_new.tanh()).to(out.dtype)
             grad_w_hr = mm_(grad_h_total.t(), r)
         grad_first = grad_xg
         if ctx.projected:  # the first input is x and the op multiplied it by W_ih^T
             grad_first = mm_(grad_xg, w_ih) if _wants_grad(ctx, 0) else None
-        grads = (grad_first, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None)
-        if ctx.num_inputs >= 9:  # the C++ op's optional bias (None when not passed)
-            grads = grads + (grad_xg.sum(0) if _wants_grad(ctx, 8) else None,)
-        if ctx.num_inputs >= 10:  # and its optional w_ih
-            wanted = ctx.projected and _wants_grad(ctx, 9)
-            grads = grads + (mm_(grad_xg.t(), x) if wanted else None,)
-        return grads
+        grads = [grad_first, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None]
+        grads += [None] * (ctx.num_inputs - len(grads))
+        index = ctx.index
+        if "bias" in index and index["bias"] < ctx.num_inputs and _wants_grad(ctx, index["bias"]):
+            grads[index["bias"]] = grad_xg.sum(0)
+        if ctx.projected and _wants_grad(ctx, index["w_ih"]):
+            grads[index["w_ih"]] = mm_(grad_xg.t(), x)
+        return tuple(grads)
 
     return backward
 
 
-def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None, w_ih=None):
+def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, *extra, **named):
     rows = xg.shape[0] if save else 0
     acc = acc_dtype(xg.dtype)
     return (xg.new_empty(xg.shape[0], h0.shape[1]), h0.new_empty(h0.shape),
@@ -268,7 +403,8 @@ def fake_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None, 
             xg.new_empty(rows, c0.shape[1], dtype=acc))
 
 
-def fake_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, reverse):
+def fake_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, reverse,
+                  *extra, **named):
     rows = grad_out.shape[0]
     return (grad_out.new_empty(rows, 4 * c0.shape[1]), grad_hn.new_empty(grad_hn.shape),
             grad_cn.new_empty(grad_cn.shape),
@@ -298,14 +434,16 @@ def make_double_backward_error(backward_qualname: str):
 
 
 def register(forward_qualname: str, backward_op, *, fake: bool = True,
-             backward_qualname: str | None = None, mm=None, addmm=None):
-    """Attach fake kernels and autograd to a backend's recurrence ops."""
+             backward_qualname: str | None = None, mm=None, addmm=None,
+             extra_inputs=CPP_EXTRA_INPUTS):
+    """Attach fake kernels and autograd to a backend's recurrence ops; `extra_inputs` names the
+    forward op's inputs after `save`, in order."""
     if fake:
         torch.library.register_fake(forward_qualname)(fake_forward)
         if backward_qualname is not None:
             torch.library.register_fake(backward_qualname)(fake_backward)
     torch.library.register_autograd(forward_qualname, make_backward(backward_op, mm, addmm),
-                                    setup_context=_setup_context)
+                                    setup_context=_make_setup_context(extra_inputs))
     if backward_qualname is not None:
         double_backward, setup_context = make_double_backward_error(backward_qualname)
         torch.library.register_autograd(backward_qualname, double_backward,

@@ -1,18 +1,81 @@
-"""Multi-layer, bidirectional LSTM over rows in the packed layout, for any backend."""
+"""Multi-layer, bidirectional LSTM over rows in the packed layout, for any backend.
+
+The regularizers of fastlstm.LSTM live here and in the recurrence ops:
+  weight_drop     DropConnect on W_hh: one Bernoulli(1 - p) mask [4H, P] per forward, layer and
+                  direction, scaled by 1 / (1 - p) as F.dropout scales. The module's parameter is
+                  never replaced: the backends multiply by W_hh * mask and W_hh's gradient is the
+                  masked product's gradient times the mask. The cpu op takes the mask itself and
+                  applies it while packing W_hh for its own step GEMM (no extra pass; on the BLAS
+                  paths it multiplies a copy). torch, triton and cuda (whose kernels read W_hh in
+                  place, without a packing pass to fold it into) get the masked temporary
+                  w_hh * mask from here: one elementwise pass over [4H, P] per layer and
+                  direction, against the T GEMMs with W_hh that follow.
+  locked_dropout  variational dropout on the input of every layer after the first (AWD-LSTM's
+                  dropouth): one Bernoulli mask [B, features] per forward and layer, the same at
+                  every step, scaled by 1 / (1 - p). Not on the layer-0 input nor on the final
+                  output (AWD-LSTM's dropouti / dropout): those belong to the model around the
+                  LSTM (fastlstm.lm.LSTMLanguageModel applies them).
+  zoneout         inside the recurrence ops (it changes what the next step sees): see
+                  _recurrence.py. The cpu and torch backends have it; triton and cuda raise
+                  NotImplementedError. One seed per forward from torch's generator; layer/direction
+                  index picks the stream, so every mask is reproducible from torch.manual_seed.
+All three act in training only; in evaluation weight_drop and locked_dropout are the identity and
+zoneout uses its expectation (h = z h_prev + (1 - z) h_new).
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from . import _backends
+from ._recurrence import acc_dtype
+
+# Test hook: when set, called as mask_observer(kind, layer, direction, mask) for every random
+# mask a forward draws ("weight_drop" [4H, P] scaled, "locked_dropout" [B, F] scaled) and once
+# per forward as mask_observer("zoneout_seed", None, None, seed).
+mask_observer = None
 
 
-def _fused_layer(forward_op, projection_in_op: bool = False):
+@dataclasses.dataclass(frozen=True)
+class Regularizers:
+    weight_drop: float = 0.0
+    locked_dropout: float = 0.0
+    zoneout_h: float = 0.0
+    zoneout_c: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.weight_drop or self.locked_dropout or self.zoneout_h or self.zoneout_c)
+
+
+def _observe(kind, layer, direction, value):
+    if mask_observer is not None:
+        mask_observer(kind, layer, direction, value)
+
+
+def _dropout_mask(shape, p, like):
+    """Bernoulli(1 - p) scaled by 1 / (1 - p), in `like`'s dtype and device."""
+    mask = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    return mask.div_(1 - p)
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """The zoneout seed of layer/direction `index` of a forward drawn `seed`."""
+    return (seed + index * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)  # an int64 of the op schemas
+
+
+def _fused_layer(forward_op, projection_in_op: bool = False, takes_mask: bool = False):
     """One layer through a backend's recurrence op. With `projection_in_op` (the cpu backend's
     op) the op takes x, W_ih and the bias and computes the input gates itself; otherwise the
-    input projection is one GEMM here (F.linear), bias included."""
-    def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    input projection is one GEMM here (F.linear), bias included. `takes_mask`: the op applies a
+    weight-drop mask itself (the C++ ops); otherwise it gets w_hh * mask."""
+    def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, *,
+                   zoneout=None, w_hh_mask=None):
         bias = None if b_ih is None else b_ih + b_hh
+        if w_hh_mask is not None and not takes_mask:
+            w_hh, w_hh_mask = w_hh * w_hh_mask, None
         if projection_in_op:
             first = x.contiguous()
         else:
@@ -25,8 +88,14 @@ def _fused_layer(forward_op, projection_in_op: bool = False):
             batch_sizes = torch.empty(0, dtype=torch.int64)
         args = (first, batch_sizes, h0.contiguous(), c0.contiguous(),
                 w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(), reverse, save)
-        if projection_in_op:
-            args = args + (None if bias is None else bias.contiguous(), w_ih.contiguous())
+        if takes_mask:  # the C++ ops' bias and w_ih come before the regularizers' arguments
+            if projection_in_op or zoneout is not None or w_hh_mask is not None:
+                args = args + ((None if bias is None else bias.contiguous(),
+                                w_ih.contiguous()) if projection_in_op else (None, None))
+        if zoneout is not None or w_hh_mask is not None:
+            args = args + (zoneout or (0.0, 0.0, 0, False))
+            if w_hh_mask is not None:
+                args = args + (w_hh_mask.contiguous(),)
         out, h_n, c_n, _gates, _cells = forward_op(*args)
         return out, h_n, c_n
     return lstm_layer
@@ -46,12 +115,24 @@ def layer_function(backend: str):
         # every row of the [N, 4H] output: 0.5 ms of a 19 ms training step at B=64, T=64,
         # H=128) and, where its own step GEMM runs, computes each step's x @ W_ih^T right before
         # h @ W_hh^T, so the [N, 4H] input gates never go through memory (csrc/lstm_cpu.cpp).
-        return _fused_layer(_extension.recurrence_forward, projection_in_op=True)
+        return _fused_layer(_extension.recurrence_forward, projection_in_op=True, takes_mask=True)
     return _fused_layer(_extension.recurrence_forward)
 
 
+def _locked_dropout(x, batch_sizes, batch, p):
+    """x [N, F] rows in the packed layout times one mask [B, F] per batch row, every step."""
+    mask = _dropout_mask((batch, x.shape[1]), p, x)
+    _observe("locked_dropout", None, None, mask)
+    if batch_sizes is None:
+        return (x.view(-1, batch, x.shape[1]) * mask).view(x.shape)
+    sizes = batch_sizes.to(torch.int64).cpu()
+    offsets = torch.cumsum(sizes, 0) - sizes
+    rows = torch.arange(x.shape[0]) - torch.repeat_interleave(offsets, sizes)
+    return x * mask.index_select(0, rows.to(x.device))
+
+
 def lstm_stack(x, batch_sizes, h0_all, c0_all, layer_weights, *, num_layers, bidirectional,
-               dropout, training, backend):
+               dropout, training, backend, regularizers: Regularizers | None = None):
     """Run the whole stack.
 
     x [N, I] rows in the packed layout; h0_all [L*D, B, P]; c0_all [L*D, B, H];
@@ -60,14 +141,39 @@ def lstm_stack(x, batch_sizes, h0_all, c0_all, layer_weights, *, num_layers, bid
     """
     run_layer = layer_function(backend)
     directions = 2 if bidirectional else 1
+    reg = regularizers if regularizers is not None and regularizers.active else None
+    zoneout_on = reg is not None and (reg.zoneout_h > 0 or reg.zoneout_c > 0)
+    if zoneout_on and backend in ("triton", "cuda"):
+        raise NotImplementedError(
+            f"fastlstm.LSTM: zoneout runs inside the recurrence kernels of the cpu and torch "
+            f"backends; the {backend} backend's kernels do not have it yet. Use backend='torch' "
+            f"on this device, or weight_drop / locked_dropout, which every backend runs")
+    seed = 0
+    if zoneout_on and training:
+        # One draw from torch's (CPU) generator per forward; no device sync on CUDA.
+        seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+        _observe("zoneout_seed", None, None, seed)
+    batch = h0_all.shape[1]
     layer_input = x
     h_n, c_n = [], []
     for layer in range(num_layers):
+        if reg is not None and reg.locked_dropout > 0 and training and layer > 0:
+            layer_input = _locked_dropout(layer_input, batch_sizes, batch, reg.locked_dropout)
         outputs = []
         for direction in range(directions):
             index = layer * directions + direction
+            options = {}
+            if reg is not None:
+                w_hh = layer_weights[index][1]
+                if reg.weight_drop > 0 and training:
+                    mask = _dropout_mask(w_hh.shape, reg.weight_drop, w_hh)
+                    _observe("weight_drop", layer, direction, mask)
+                    options["w_hh_mask"] = mask
+                if zoneout_on:
+                    options["zoneout"] = (float(reg.zoneout_h), float(reg.zoneout_c),
+                                          layer_seed(seed, index), not training)
             out, h, c = run_layer(layer_input, batch_sizes, h0_all[index], c0_all[index],
-                                  *layer_weights[index], reverse=direction == 1)
+                                  *layer_weights[index], reverse=direction == 1, **options)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
@@ -77,4 +183,4 @@ def lstm_stack(x, batch_sizes, h0_all, c0_all, layer_weights, *, num_layers, bid
     return layer_input, torch.stack(h_n, 0), torch.stack(c_n, 0)
 
 
-__all__ = ["lstm_stack", "layer_function", "_backends"]
+__all__ = ["lstm_stack", "layer_function", "Regularizers", "layer_seed", "_backends", "acc_dtype"]

@@ -18,6 +18,13 @@ from typing import Optional, Sequence
 
 
 
+def _zoneout_value(text):
+    parts = [float(part) for part in text.split(",")]
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"--zoneout: expected z or z_h,z_c; got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def _train_parser(subparsers):
     from .lm.train import TrainConfig
     d = TrainConfig()
@@ -43,6 +50,12 @@ def _train_parser(subparsers):
     model.add_argument("--hidden-size", type=int, default=d.hidden_size)
     model.add_argument("--num-layers", type=int, default=d.num_layers)
     model.add_argument("--dropout", type=float, default=d.dropout)
+    model.add_argument("--weight-drop", type=float, default=d.weight_drop,
+                       help="DropConnect on the LSTM's recurrent weights (AWD-LSTM)")
+    model.add_argument("--locked-dropout", type=float, default=d.locked_dropout,
+                       help="variational dropout between LSTM layers (one mask per sequence)")
+    model.add_argument("--zoneout", type=_zoneout_value, default=d.zoneout,
+                       help="zoneout probability of h and c, or 'z_h,z_c'")
     model.add_argument("--tie-weights", action="store_true",
                        help="share embedding and output weights (needs embed-dim == hidden-size)")
     model.add_argument("--backend", default=d.backend,
@@ -131,7 +144,8 @@ def _run_train(args) -> int:
         schedule=args.schedule, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
         eval_interval=args.eval_interval, eval_batches=args.eval_batches,
         log_interval=args.log_interval, seed=args.seed, device=args.device, amp=args.amp,
-        resume=args.resume, plot=not args.no_plot, backend=args.backend)
+        resume=args.resume, plot=not args.no_plot, backend=args.backend,
+        weight_drop=args.weight_drop, locked_dropout=args.locked_dropout, zoneout=args.zoneout)
     summary = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         val = summary["val_loss"]

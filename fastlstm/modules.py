@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _backends
-from ._stack import layer_function, lstm_stack
+from ._stack import Regularizers, layer_function, lstm_stack
 
 
 def _autocast_dtype(device_type: str):
@@ -92,6 +92,24 @@ class _BackendChoice:
         return text if backend == "auto" else f"{text}, backend={backend!r}"
 
 
+def _check_rate(name, value):
+    """A dropout-like probability in [0, 1), as a float; ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"LSTM: {name} must be a number in [0, 1); got {value!r}")
+    return float(value)
+
+
+def _check_zoneout(value):
+    """zoneout: one probability for h and c, or a pair (z_h, z_c)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"LSTM: zoneout must be a number in [0, 1) or a pair (z_h, z_c) of "
+                             f"them; got {value!r}")
+        return _check_rate("zoneout[0] (z_h)", value[0]), _check_rate("zoneout[1] (z_c)", value[1])
+    rate = _check_rate("zoneout", value)
+    return rate, rate
+
+
 class LSTM(_BackendChoice, nn.LSTM):
     __doc__ = (
         "Drop-in :class:`torch.nn.LSTM` whose recurrence runs in fused kernels.\n\n"
@@ -102,8 +120,46 @@ class LSTM(_BackendChoice, nn.LSTM):
         "[num_layers * num_directions, B, proj_size or hidden_size], c_0 [num_layers * "
         "num_directions, B, hidden_size]); returns output [T, B, num_directions * (proj_size or "
         "hidden_size)] and (h_n, c_n). fp32/fp64 everywhere; fp16/bf16 on CUDA with fp32 "
-        "accumulation and fp32 cell state.\n"
+        "accumulation and fp32 cell state.\n\n"
+        "Keyword-only regularizers (AWD-LSTM), off by default, inside the fused kernels; none "
+        "adds a parameter or buffer:\n"
+        "  weight_drop: DropConnect on every weight_hh_l*: one Bernoulli mask per forward, layer "
+        "and direction, scaled by 1/(1-p); the parameters are used, never replaced.\n"
+        "  locked_dropout: variational dropout of the input of every layer after the first: one "
+        "mask per sequence and feature, the same at every step (not on the layer-0 input nor "
+        "the output; the model around the LSTM applies those).\n"
+        "  zoneout: float, or (z_h, z_c): per step and unit, h (c) keeps its previous value "
+        "with probability z_h (z_c).\n"
+        "All act in training only; in eval weight_drop and locked_dropout are the identity and "
+        "zoneout uses its expectation h = z h_prev + (1 - z) h_new. Masks come from torch's "
+        "generator (torch.manual_seed).\n"
     )
+
+    def __init__(self, *args, weight_drop: float = 0.0, locked_dropout: float = 0.0,
+                 zoneout=0.0, **kwargs):
+        weight_drop = _check_rate("weight_drop", weight_drop)
+        locked_dropout = _check_rate("locked_dropout", locked_dropout)
+        zoneout_h, zoneout_c = _check_zoneout(zoneout)
+        super().__init__(*args, **kwargs)
+        self.weight_drop = weight_drop
+        self.locked_dropout = locked_dropout
+        self.zoneout = zoneout_h if zoneout_h == zoneout_c else (zoneout_h, zoneout_c)
+
+    def _regularizers(self) -> Regularizers:
+        # Modules pickled or converted before the regularizers existed have none.
+        zoneout = getattr(self, "zoneout", 0.0)
+        zoneout_h, zoneout_c = zoneout if isinstance(zoneout, tuple) else (zoneout, zoneout)
+        return Regularizers(float(getattr(self, "weight_drop", 0.0)),
+                            float(getattr(self, "locked_dropout", 0.0)),
+                            float(zoneout_h), float(zoneout_c))
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        for name in ("weight_drop", "locked_dropout", "zoneout"):
+            value = getattr(self, name, 0.0)
+            if value != 0.0 and value != (0.0, 0.0):
+                text += f", {name}={value!r}"
+        return text
 
     def _layer_weights(self):
         directions = 2 if self.bidirectional else 1
@@ -238,7 +294,7 @@ class LSTM(_BackendChoice, nn.LSTM):
                 out_rows, h_n, c_n = lstm_stack(
                     rows, None, hx[0], hx[1], weights, num_layers=self.num_layers,
                     bidirectional=self.bidirectional, dropout=float(self.dropout),
-                    training=self.training, backend=backend)
+                    training=self.training, backend=backend, regularizers=self._regularizers())
                 output = out_rows.reshape(steps, batch, out_rows.shape[-1])
                 if self.batch_first:
                     output = output.transpose(0, 1)
@@ -246,7 +302,7 @@ class LSTM(_BackendChoice, nn.LSTM):
                 output, h_n, c_n = lstm_stack(
                     input, batch_sizes, hx[0], hx[1], weights, num_layers=self.num_layers,
                     bidirectional=self.bidirectional, dropout=float(self.dropout),
-                    training=self.training, backend=backend)
+                    training=self.training, backend=backend, regularizers=self._regularizers())
 
         if c_n_dtype is not None:
             c_n = c_n.to(c_n_dtype)
@@ -354,6 +410,7 @@ def convert(module: nn.Module) -> nn.Module:
         if type(submodule) is nn.LSTM:
             submodule.__class__ = LSTM
             submodule.backend = "auto"
+            submodule.weight_drop = submodule.locked_dropout = submodule.zoneout = 0.0
         elif type(submodule) is nn.LSTMCell:
             submodule.__class__ = LSTMCell
             submodule.backend = "auto"

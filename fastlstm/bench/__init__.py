@@ -85,6 +85,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                           "<device>-<run>.jsonl when ./benchmarks/results exists; 'none': "
                           "do not write)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--regularizers", default=None, metavar="WD,LD,Z",
+                     help="train suite: fastlstm.LSTM with weight_drop, locked_dropout and "
+                          "zoneout on (e.g. 0.5,0.3,0.1), the same model without them timed "
+                          "as a second baseline")
     results = parser.add_argument_group("from recorded results (no run)")
     results.add_argument("--from", dest="sources", nargs="+", default=None, metavar="RESULTS",
                          help="JSON-lines files or folders of them to read instead of running")
@@ -125,7 +129,15 @@ def _options(args, argv, prog) -> runner.Options:
     workloads.dtype_from_name(args.dtype)
     if args.baseline_dtype:
         workloads.dtype_from_name(args.baseline_dtype)
+    regularizers = None
+    if args.regularizers:
+        values = [float(value) for value in _split(args.regularizers)]
+        if len(values) != 3:
+            raise ValueError(f"--regularizers: expected weight_drop,locked_dropout,zoneout; got "
+                             f"{args.regularizers!r}")
+        regularizers = dict(zip(("weight_drop", "locked_dropout", "zoneout"), values))
     return runner.Options(
+        regularizers=regularizers,
         device=args.device, dtype=args.dtype, baseline_dtype=args.baseline_dtype,
         suites=tuple(suites), backends=tuple(backends) if backends else None,
         shapes=shapes.parse_shapes_option(args.shapes) or None, rounds=args.repeats,

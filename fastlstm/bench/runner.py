@@ -31,6 +31,7 @@ class Options:
     budget_s: float | None = None  # spread over the comparisons left; fewer rounds if needed
     command: str = "fastlstm bench"
     progress: object = sys.stderr  # a file for progress lines, or None
+    regularizers: dict | None = None  # train suite: fastlstm.LSTM(weight_drop=..., ...) on
 
 
 def default_backends(device_type: str) -> tuple:
@@ -168,6 +169,8 @@ class Runner:
         kwargs = {"baseline_dtype": self.baseline_dtype}
         if suite == "decode":
             kwargs["new_tokens"] = self.decode_tokens
+        if suite == "train" and self.options.regularizers:
+            kwargs["regularizers"] = self.options.regularizers
         try:
             workload = build(shape, self.device, self.dtype, backend, **kwargs)
         except workloads.Unavailable as reason:

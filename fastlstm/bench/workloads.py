@@ -68,12 +68,12 @@ def onednn_name(device: torch.device) -> str:
     return "oneDNN" if torch.backends.mkldnn.is_available() else "ATen"
 
 
-def _lstm_pair(shape: LSTMShape, device, dtype, backend, baseline_dtype):
+def _lstm_pair(shape: LSTMShape, device, dtype, backend, baseline_dtype, regularizers=None):
     import fastlstm
     baseline = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers).to(
         device=device, dtype=baseline_dtype)
     fused = fastlstm.LSTM(shape.input_size, shape.hidden_size, shape.num_layers,
-                          backend=backend).to(device=device, dtype=dtype)
+                          backend=backend, **(regularizers or {})).to(device=device, dtype=dtype)
     with torch.no_grad():
         for name, parameter in baseline.named_parameters():
             getattr(fused, name).copy_(parameter)  # same weights, cast to the fastlstm dtype
@@ -81,24 +81,34 @@ def _lstm_pair(shape: LSTMShape, device, dtype, backend, baseline_dtype):
 
 
 def _lstm_workload(shape: LSTMShape, device, dtype, backend, baseline_dtype, *, training: bool,
-                   step, flops: float, graph_safe: bool = False) -> Workload:
-    """fastlstm.LSTM against nn.LSTM with the same weights, each timed by step(model, dtype)."""
+                   step, flops: float, graph_safe: bool = False,
+                   regularizers: dict | None = None) -> Workload:
+    """fastlstm.LSTM against nn.LSTM with the same weights, each timed by step(model, dtype).
+    With `regularizers` (fastlstm.LSTM keyword arguments), the fastlstm model has them on and
+    the same model without them is a second baseline, timed in the same rounds."""
     device = torch.device(device)
     baseline_dtype = baseline_dtype or dtype
     ran = resolve_backend(backend, device, dtype)
-    fused, baseline = _lstm_pair(shape, device, dtype, backend, baseline_dtype)
+    fused, baseline = _lstm_pair(shape, device, dtype, backend, baseline_dtype, regularizers)
     fused.train(training)
     baseline.train(training)
+    baselines = {f"nn.LSTM ({onednn_name(device)})": step(baseline, baseline_dtype)}
+    if regularizers:
+        plain, _ = _lstm_pair(shape, device, dtype, backend, baseline_dtype)
+        plain.load_state_dict(fused.state_dict())
+        plain.train(training)
+        baselines["fastlstm.LSTM (regularizers off)"] = step(plain, dtype)
+        graph_safe = False  # masks are drawn on the host every forward
     return Workload(
         fastlstm=step(fused, dtype),
-        baselines={f"nn.LSTM ({onednn_name(device)})": step(baseline, baseline_dtype)},
+        baselines=baselines,
         backend_ran=ran,
         work={"tokens": shape.tokens, "flops": flops},
         graph_safe=graph_safe)
 
 
 def train(shape: LSTMShape, device, dtype: torch.dtype, backend: str,
-          baseline_dtype: torch.dtype | None = None) -> Workload:
+          baseline_dtype: torch.dtype | None = None, regularizers: dict | None = None) -> Workload:
     """Forward + backward of one sequence batch (input gradient included, as in a network whose
     LSTM sits on an embedding), against nn.LSTM with the same weights."""
     def step(model, model_dtype):
@@ -117,7 +127,7 @@ def train(shape: LSTMShape, device, dtype: torch.dtype, backend: str,
         return run
 
     return _lstm_workload(shape, device, dtype, backend, baseline_dtype, training=True,
-                          step=step, flops=shape.train_flops())
+                          step=step, flops=shape.train_flops(), regularizers=regularizers)
 
 
 def forward(shape: LSTMShape, device, dtype: torch.dtype, backend: str,

@@ -19,13 +19,19 @@ class LSTMLanguageModel(nn.Module):
         tie_weights: share the embedding matrix with the head's weight; needs
             embed_dim == hidden_size.
         backend: the fastlstm.LSTM backend ("auto" by default).
+        weight_drop, locked_dropout, zoneout: fastlstm.LSTM's AWD-LSTM regularizers (off by
+            default): DropConnect on the recurrent weights, variational dropout between LSTM
+            layers, zoneout of h and c. With them, `dropout` still drops the embedding output
+            and the LSTM output (AWD-LSTM's dropouti / dropout) and, between layers, adds to
+            locked_dropout.
 
     forward(ids [B, T] int64, state=None) -> (logits [B, T, vocab_size], (h, c)) with
     h, c [num_layers, B, hidden_size]; pass the returned state back in to continue a sequence.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, tie_weights: bool = False, *, backend: str = "auto"):
+                 dropout: float = 0.0, tie_weights: bool = False, *, backend: str = "auto",
+                 weight_drop: float = 0.0, locked_dropout: float = 0.0, zoneout=0.0):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim),
                             ("hidden_size", hidden_size), ("num_layers", num_layers)):
@@ -47,16 +53,23 @@ class LSTMLanguageModel(nn.Module):
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.drop = nn.Dropout(self.dropout)
         self.lstm = LSTM(embed_dim, hidden_size, num_layers=num_layers, batch_first=True,
-                         dropout=self.dropout if num_layers > 1 else 0.0, backend=backend)
+                         dropout=self.dropout if num_layers > 1 else 0.0, backend=backend,
+                         weight_drop=weight_drop, locked_dropout=locked_dropout, zoneout=zoneout)
         self.head = nn.Linear(hidden_size, vocab_size)
         if self.tie_weights:
             self.head.weight = self.embedding.weight
 
     def config(self) -> dict:
-        """The constructor arguments, enough to rebuild the model (saved in checkpoints)."""
-        return {"vocab_size": self.vocab_size, "embed_dim": self.embed_dim,
-                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "dropout": self.dropout, "tie_weights": self.tie_weights}
+        """The constructor arguments, enough to rebuild the model (saved in checkpoints); the
+        regularizers only when on."""
+        config = {"vocab_size": self.vocab_size, "embed_dim": self.embed_dim,
+                  "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                  "dropout": self.dropout, "tie_weights": self.tie_weights}
+        for name in ("weight_drop", "locked_dropout", "zoneout"):
+            value = getattr(self.lstm, name, 0.0)
+            if value not in (0.0, (0.0, 0.0)):
+                config[name] = value
+        return config
 
     def init_state(self, batch_size: int, device=None, dtype=None):
         """Zero (h, c), each [num_layers, batch_size, hidden_size]."""

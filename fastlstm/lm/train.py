@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class TrainConfig:
     num_layers: int = 2
     dropout: float = 0.0
     tie_weights: bool = False
+    weight_drop: float = 0.0            # fastlstm.LSTM's AWD-LSTM regularizers (0: off)
+    locked_dropout: float = 0.0
+    zoneout: Union[float, Tuple[float, float]] = 0.0  # z, or (z_h, z_c)
     batch_size: int = 32                # rows per process
     seq_len: int = 128                  # truncated BPTT length
     steps: int = 1000                   # optimizer steps in total (a resumed run continues to it)
@@ -411,6 +414,10 @@ def _train(config, model, stream, verbose, dist_info, device):
         model_config = {"vocab_size": tokenizer.vocab_size, "embed_dim": config.embed_dim,
                         "hidden_size": config.hidden_size, "num_layers": config.num_layers,
                         "dropout": config.dropout, "tie_weights": config.tie_weights}
+        for name in ("weight_drop", "locked_dropout", "zoneout"):
+            value = getattr(config, name)
+            if value not in (0.0, (0.0, 0.0)):
+                model_config[name] = value
         if checkpoint is not None:
             model_config = checkpoint["model_config"]
         torch.manual_seed(config.seed)  # the same initial weights on every process
