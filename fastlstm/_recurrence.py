@@ -53,10 +53,10 @@ Both C++ ops take, after their other arguments,
     reaching h_new (before the mix).
   w_hh_mask [4H, P] (C++ ops only; weight drop): the recurrence multiplies by W_hh * w_hh_mask
     (the cpu backend applies it while packing W_hh for its step GEMM, otherwise on a masked
-    copy); its autograd multiplies W_hh's gradient by the mask. The CUDA kernels take neither
-    (their op checks that both are off), nor does the Triton op: for weight drop their caller
-    passes the masked product w_hh * mask as w_hh, and autograd does the rest; zoneout raises
-    NotImplementedError there (fastlstm/_stack.py).
+    copy); its autograd multiplies W_hh's gradient by the mask. The CUDA kernels do not take it
+    (their op checks that it is off), nor does the Triton op: for weight drop their caller
+    passes the masked product w_hh * mask as w_hh, and autograd does the rest.
+  The Triton ops take the four zoneout arguments (not w_hh_mask) after `save` / `reverse`.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ The regularizers of fastlstm.LSTM live here and in the recurrence ops:
                   output (AWD-LSTM's dropouti / dropout): those belong to the model around the
                   LSTM (fastlstm.lm.LSTMLanguageModel applies them).
   zoneout         inside the recurrence ops (it changes what the next step sees): see
-                  _recurrence.py. The cpu and torch backends have it; triton and cuda raise
+                  _recurrence.py. The cpu, triton and torch backends have it; cuda raises
                   NotImplementedError. One seed per forward from torch's generator; layer/direction
                   index picks the stream, so every mask is reproducible from torch.manual_seed.
 All three act in training only; in evaluation weight_drop and locked_dropout are the identity and
@@ -143,11 +143,12 @@ def lstm_stack(x, batch_sizes, h0_all, c0_all, layer_weights, *, num_layers, bid
     directions = 2 if bidirectional else 1
     reg = regularizers if regularizers is not None and regularizers.active else None
     zoneout_on = reg is not None and (reg.zoneout_h > 0 or reg.zoneout_c > 0)
-    if zoneout_on and backend in ("triton", "cuda"):
+    if zoneout_on and backend == "cuda":
         raise NotImplementedError(
-            f"fastlstm.LSTM: zoneout runs inside the recurrence kernels of the cpu and torch "
-            f"backends; the {backend} backend's kernels do not have it yet. Use backend='torch' "
-            f"on this device, or weight_drop / locked_dropout, which every backend runs")
+            f"fastlstm.LSTM: zoneout runs inside the recurrence kernels of the cpu, triton and "
+            f"torch backends; the {backend} backend's kernels do not have it yet. Use "
+            f"backend='triton' or 'torch' on this device, or weight_drop / locked_dropout, which "
+            f"every backend runs")
     seed = 0
     if zoneout_on and training:
         # One draw from torch's (CPU) generator per forward; no device sync on CUDA.

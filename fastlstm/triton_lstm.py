@@ -3,10 +3,13 @@
 The two ops follow the contract of fastlstm/_recurrence.py exactly (row layout, packed batch
 sizes, reverse, save, projection, accumulation dtype):
 
-  fastlstm_triton::recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save)
+  fastlstm_triton::recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save,
+                                      zoneout_h=0, zoneout_c=0, zoneout_seed=0,
+                                      zoneout_expected=False)
       -> (out, h_n, c_n, gates, cells)
   fastlstm_triton::recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr,
-                                       gates, cells, reverse)
+                                       gates, cells, reverse, zoneout_h=0, zoneout_c=0,
+                                       zoneout_seed=0, zoneout_expected=False)
       -> (grad_xg, grad_h0, grad_c0, grad_h_total)
 
 The input projection before the recurrence and the weight gradients after it are single large
@@ -20,6 +23,10 @@ here. Two kernel designs (DESIGN.md, "GPU kernel designs"):
   state (H and P up to SEQUENCE_MAX_SIZE = 64 after padding to powers of two), loops over time
   inside the kernel and reads W_hh every step (from shared memory or L2). Programs never wait on
   each other, so it also runs under TRITON_INTERPRET=1.
+
+Zoneout (the zoneout_* arguments of both ops, see _recurrence) runs inside every kernel: the
+masks come from the counter-based hash of csrc/cell.h, evaluated where each element is used, in
+the forward and again in the backward, so no mask goes through memory.
 
 `select_design` picks between them by shape; `DESIGN` forces one (tests use it to cover both).
 Supported dtypes: float32, float16, bfloat16 on CUDA (fp32 accumulation, fp32 cell state) and
@@ -73,6 +80,32 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
+# Zoneout: the counter-based hash of csrc/cell.h and _recurrence.zoneout_keep, in uint32.
+@triton.jit
+def _hash32(x):
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0x1B873593, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _zoneout_weight(rows, cols, units, key, threshold, prob_ptr, EXPECTED: tl.constexpr):
+    """Keep weights k [rows, cols] of one zoneout mask: 1 where
+    hash32(hash32(e ^ key) + key) < threshold with e = row * units + col (mod 2^32), else 0; with
+    EXPECTED the probability itself (a scalar read from prob_ptr, in the accumulation dtype).
+    `key` and `threshold` arrive as int32 holding the uint32 bits."""
+    if EXPECTED:
+        k = tl.load(prob_ptr)
+    else:
+        element = (rows.to(tl.int64)[:, None] * units + cols[None, :]).to(tl.uint32)
+        key_bits = key.to(tl.uint32, bitcast=True)
+        u = _hash32(_hash32(element ^ key_bits) + key_bits)
+        k = tl.where(u < threshold.to(tl.uint32, bitcast=True), 1.0, 0.0)
+    return k
+
+
 # ----------------------------------------------------------------------------------------------
 # Step-fused design: forward.
 # ----------------------------------------------------------------------------------------------
@@ -82,17 +115,25 @@ def _tanh(x):
 # equal to 1 or divisible by 16 (one more compiled kernel for each such case), so these are
 # listed in do_not_specialize: one compiled kernel serves every step. Sizes that are fixed for
 # a layer (H, P) stay specialized.
-@triton.jit(do_not_specialize=["offset", "live", "prev_offset", "prev_live"])
+# The zoneout keys (a new seed every forward) and thresholds are not specialized either.
+_ZONEOUT_ARGS = ["zkey_h", "zthr_h", "zkey_c", "zthr_c"]
+
+
+@triton.jit(do_not_specialize=["offset", "live", "prev_offset", "prev_live"] + _ZONEOUT_ARGS)
 def _lstm_fwd_step_kernel(
     # pointers
     xg_ptr, w_hh_ptr, h0_ptr, out_ptr, h_n_ptr, c_state_ptr, r_ptr, gates_ptr, cells_ptr,
+    zprob_ptr,
     # this step: first row and live rows; the previous visited step's rows (h_prev source)
     offset, live, prev_offset, prev_live,
     # sizes
     H, P,
+    # zoneout keys and thresholds (see _zoneout_weight)
+    zkey_h, zthr_h, zkey_c, zthr_c,
     # meta-parameters
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_PROJ: tl.constexpr, SAVE: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, ZONEOUT_EXPECTED: tl.constexpr,
 ):
     """One time step for a (batch tile, hidden tile): gates, c update, r = o * tanh(c).
 
@@ -102,7 +143,8 @@ def _lstm_fwd_step_kernel(
     racing: no program reads memory another program of the same launch writes. The cell state
     c_state[b, j] is read and written only by the program that owns (b, j).
     Without projection h = r is written to out and h_n here; with it, r goes to r_ptr and
-    _lstm_fwd_proj_kernel finishes the step.
+    _lstm_fwd_proj_kernel finishes the step. Zoneout mixes c with c_prev here, and h with its
+    previous value h_n[b] (the row's h at its previous live step, or h0) where h is finished.
     """
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -157,6 +199,9 @@ def _lstm_fwd_step_kernel(
     c_prev = tl.load(c_state_ptr + state_tile, mask=mask, other=0.0)
     c_new = forget_gate * c_prev + in_gate * cell_gate
     r = out_gate * _tanh(c_new)
+    if ZONEOUT_C:
+        k_c = _zoneout_weight(rows, j, H, zkey_c, zthr_c, zprob_ptr + 1, ZONEOUT_EXPECTED)
+        c_new = k_c * c_prev + (1.0 - k_c) * c_new
     tl.store(c_state_ptr + state_tile, c_new, mask=mask)
     if SAVE:
         gates_tile = gates_ptr + rows[:, None] * (4 * H) + j[None, :]
@@ -168,21 +213,28 @@ def _lstm_fwd_step_kernel(
     if HAS_PROJ:
         tl.store(r_ptr + state_tile, r, mask=mask)
     else:
+        if ZONEOUT_H:
+            k_h = _zoneout_weight(rows, j, H, zkey_h, zthr_h, zprob_ptr, ZONEOUT_EXPECTED)
+            h_prev_own = tl.load(h_n_ptr + state_tile, mask=mask, other=0.0).to(acc_dtype)
+            r = k_h * h_prev_own + (1.0 - k_h) * r
         h_new = r.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * H + j[None, :], h_new, mask=mask)
         tl.store(h_n_ptr + state_tile, h_new, mask=mask)
 
 
-@triton.jit(do_not_specialize=["offset", "live"])
+@triton.jit(do_not_specialize=["offset", "live", "zkey_h", "zthr_h"])
 def _lstm_fwd_proj_kernel(
     # pointers
-    r_ptr, w_hr_ptr, out_ptr, h_n_ptr,
+    r_ptr, w_hr_ptr, out_ptr, h_n_ptr, zprob_ptr,
     # this step
     offset, live,
     # sizes
     H, P,
+    # zoneout of h
+    zkey_h, zthr_h,
     # meta-parameters
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_EXPECTED: tl.constexpr,
 ):
     """Second launch of a projected step: h = r @ W_hr^T for a (batch tile, projection tile).
 
@@ -206,9 +258,14 @@ def _lstm_fwd_proj_kernel(
         w = tl.load(w_hr_ptr + p.to(tl.int64)[None, :] * H + k[:, None],
                     mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(acc_dtype)
         acc += tl.dot(r, w, input_precision="ieee")
-    h_new = acc.to(out_ptr.dtype.element_ty)
     mask = b_live[:, None] & p_ok[None, :]
     rows = (offset + b).to(tl.int64)
+    if ZONEOUT_H:  # h_n[b] holds the row's previous h; only this program reads or writes it
+        k_h = _zoneout_weight(rows, p, P, zkey_h, zthr_h, zprob_ptr, ZONEOUT_EXPECTED)
+        h_prev = tl.load(h_n_ptr + state_rows[:, None] * P + p[None, :], mask=mask,
+                         other=0.0).to(acc_dtype)
+        acc = k_h * h_prev + (1.0 - k_h) * acc
+    h_new = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * P + p[None, :], h_new, mask=mask)
     tl.store(h_n_ptr + state_rows[:, None] * P + p[None, :], h_new, mask=mask)
 
@@ -217,16 +274,20 @@ def _lstm_fwd_proj_kernel(
 # Step-fused design: backward (the reverse recurrence).
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["offset", "live", "prev_live"])
+@triton.jit(do_not_specialize=["offset", "live", "prev_live", "zkey_h", "zthr_h"])
 def _lstm_bwd_dh_kernel(
     # pointers
     dpre_prev_ptr, w_hh_ptr, dh_state_ptr, grad_out_ptr, dh_row_ptr, grad_h_total_ptr,
+    zprob_ptr,
     # this step (live rows; live = 0 for the final launch) and the previous visited step
     offset, live, prev_live,
     # sizes
     H, P,
+    # zoneout of h
+    zkey_h, zthr_h,
     # meta-parameters
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_EXPECTED: tl.constexpr,
 ):
     """First launch of a projected backward step, for a (batch tile, projection tile).
 
@@ -234,6 +295,8 @@ def _lstm_bwd_dh_kernel(
     becomes grad_h0 for rows whose sequence is done). Live rows then take
     dh_row = dh + grad_out, the whole gradient reaching h, written to grad_h_total and to
     dh_row_ptr for the pointwise launch, which needs all P columns of it for dr = dh_row @ W_hr.
+    Zoneout of h splits dh_row: (1 - k) dh_row reaches h_new (written out), k dh_row reaches
+    h_prev; that carry waits in dh_state, to be added to dh when the next launch finishes it.
     """
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -254,6 +317,8 @@ def _lstm_bwd_dh_kernel(
                     mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(acc_dtype)
         acc += tl.dot(dpre, w, input_precision="ieee")
     state_tile = dh_state_ptr + state_rows[:, None] * P + p[None, :]
+    if ZONEOUT_H:  # the previous launch's carry k dh_row of these rows
+        acc += tl.load(state_tile, mask=b_prev[:, None] & p_ok[None, :], other=0.0)
     tl.store(state_tile, acc, mask=b_prev[:, None] & p_ok[None, :])
     dh = tl.where(b_prev[:, None], acc,
                   tl.load(state_tile, mask=(b_live & ~b_prev)[:, None] & p_ok[None, :], other=0.0))
@@ -261,23 +326,31 @@ def _lstm_bwd_dh_kernel(
     rows = (offset + b).to(tl.int64)
     grad_out = tl.load(grad_out_ptr + rows[:, None] * P + p[None, :], mask=mask, other=0.0)
     dh_row = dh + grad_out.to(acc_dtype)
+    if ZONEOUT_H:
+        k_h = _zoneout_weight(rows, p, P, zkey_h, zthr_h, zprob_ptr, ZONEOUT_EXPECTED)
+        tl.store(state_tile, k_h * dh_row, mask=mask)
+        dh_row = (1.0 - k_h) * dh_row
     tl.store(dh_row_ptr + state_rows[:, None] * P + p[None, :], dh_row, mask=mask)
     tl.store(grad_h_total_ptr + rows[:, None] * P + p[None, :],
              dh_row.to(grad_h_total_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["offset", "live", "prev_live", "c_prev_offset", "c_prev_live"])
+@triton.jit(do_not_specialize=["offset", "live", "prev_live", "c_prev_offset", "c_prev_live"]
+            + _ZONEOUT_ARGS)
 def _lstm_bwd_step_kernel(
     # pointers
     grad_out_ptr, dh_row_ptr, w_hr_ptr, dpre_prev_ptr, w_hh_ptr, dh_state_ptr, dc_state_ptr,
-    gates_ptr, cells_ptr, c0_ptr, grad_xg_ptr, dpre_ptr,
+    gates_ptr, cells_ptr, c0_ptr, grad_xg_ptr, dpre_ptr, zprob_ptr,
     # this step, the previous visited step (for dh), the previous forward step (for c_prev)
     offset, live, prev_live, c_prev_offset, c_prev_live,
     # sizes
     H, P,
+    # zoneout keys and thresholds (see _zoneout_weight)
+    zkey_h, zthr_h, zkey_c, zthr_c,
     # meta-parameters
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, ZONEOUT_EXPECTED: tl.constexpr,
 ):
     """One reverse step for a (batch tile, hidden tile): dpre of the four gates, dc update.
 
@@ -285,6 +358,9 @@ def _lstm_bwd_step_kernel(
     dh = dpre_prev @ W_hh for its columns, reading dpre_prev from one buffer while the launch
     writes this step's dpre to the other (double buffer: no program reads what another writes).
     With projection, dh_row comes from _lstm_bwd_dh_kernel and dr = dh_row @ W_hr is done here.
+    Zoneout: without projection the carry k_h dh_row waits in dh_state as in
+    _lstm_bwd_dh_kernel; c = f c_prev + i g is recomputed (cells hold the mixed state) and dc
+    splits into (1 - k_c) dc through the cell and k_c dc straight to c_prev.
     """
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -319,12 +395,18 @@ def _lstm_bwd_step_kernel(
                         mask=k_ok[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
             acc += tl.dot(dpre_prev, w, input_precision="ieee")
         state_tile = dh_state_ptr + state_rows[:, None] * H + j[None, :]
+        if ZONEOUT_H:  # the previous launch's carry k dh_row of these rows
+            acc += tl.load(state_tile, mask=b_prev[:, None] & j_ok[None, :], other=0.0)
         tl.store(state_tile, acc, mask=b_prev[:, None] & j_ok[None, :])
         dh = tl.where(b_prev[:, None], acc,
                       tl.load(state_tile, mask=(b_live & ~b_prev)[:, None] & j_ok[None, :],
                               other=0.0))
         grad_out = tl.load(grad_out_ptr + rows[:, None] * H + j[None, :], mask=mask, other=0.0)
         dr = dh + grad_out.to(acc_dtype)
+        if ZONEOUT_H:
+            k_h = _zoneout_weight(rows, j, H, zkey_h, zthr_h, zprob_ptr, ZONEOUT_EXPECTED)
+            tl.store(state_tile, k_h * dr, mask=mask)
+            dr = (1.0 - k_h) * dr
 
     gates_tile = gates_ptr + rows[:, None] * (4 * H) + j[None, :]
     in_gate = tl.load(gates_tile, mask=mask, other=0.0)
@@ -339,14 +421,22 @@ def _lstm_bwd_step_kernel(
                       mask=(b_live & ~prev_mask)[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
     dc_tile = dc_state_ptr + state_rows[:, None] * H + j[None, :]
     dc = tl.load(dc_tile, mask=mask, other=0.0)
+    dc_next = dc
+    if ZONEOUT_C:
+        c = forget_gate * c_prev + in_gate * cell_gate  # c_new, before the mix
+        k_c = _zoneout_weight(rows, j, H, zkey_c, zthr_c, zprob_ptr + 1, ZONEOUT_EXPECTED)
+        dc_next = (1.0 - k_c) * dc
 
     tanh_c = _tanh(c)
-    dc_total = dc + dr * out_gate * (1.0 - tanh_c * tanh_c)
+    dc_total = dc_next + dr * out_gate * (1.0 - tanh_c * tanh_c)
     d_in = dc_total * cell_gate * in_gate * (1.0 - in_gate)
     d_forget = dc_total * c_prev * forget_gate * (1.0 - forget_gate)
     d_cell = dc_total * in_gate * (1.0 - cell_gate * cell_gate)
     d_out = dr * tanh_c * out_gate * (1.0 - out_gate)
-    tl.store(dc_tile, dc_total * forget_gate, mask=mask)
+    dc_prev = dc_total * forget_gate
+    if ZONEOUT_C:
+        dc_prev += k_c * dc
+    tl.store(dc_tile, dc_prev, mask=mask)
 
     out_dtype = grad_xg_ptr.dtype.element_ty
     grad_tile = grad_xg_ptr + rows[:, None] * (4 * H) + j[None, :]
@@ -379,16 +469,19 @@ def _step_rows(t, T, B, offsets_ptr, lives_ptr, PACKED: tl.constexpr):
     return offset, live
 
 
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=["T", "B"] + _ZONEOUT_ARGS)
 def _lstm_fwd_sequence_kernel(
     # pointers
     xg_ptr, w_hh_ptr, w_hr_ptr, h0_ptr, c0_ptr, out_ptr, h_n_ptr, c_n_ptr, gates_ptr, cells_ptr,
-    offsets_ptr, lives_ptr,
+    offsets_ptr, lives_ptr, zprob_ptr,
     # sizes
     T, B, H, P,
+    # zoneout keys and thresholds (see _zoneout_weight)
+    zkey_h, zthr_h, zkey_c, zthr_c,
     # meta-parameters: HP, PP are H, P padded to powers of two (>= 16)
     BLOCK_B: tl.constexpr, HP: tl.constexpr, PP: tl.constexpr,
     PACKED: tl.constexpr, REVERSE: tl.constexpr, HAS_PROJ: tl.constexpr, SAVE: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, ZONEOUT_EXPECTED: tl.constexpr,
 ):
     """All T steps for one batch tile; h and c stay in registers across steps.
 
@@ -438,9 +531,16 @@ def _lstm_fwd_sequence_kernel(
         r = out_gate * _tanh(c_new)
         if HAS_PROJ:
             w_hr = tl.load(w_hr_tile, mask=w_hr_mask, other=0.0).to(acc_dtype)
-            h_new = tl.dot(r, w_hr, input_precision="ieee").to(dtype)
+            h_new = tl.dot(r, w_hr, input_precision="ieee")
         else:
-            h_new = r.to(dtype)
+            h_new = r
+        if ZONEOUT_C:
+            k_c = _zoneout_weight(rows, j, H, zkey_c, zthr_c, zprob_ptr + 1, ZONEOUT_EXPECTED)
+            c_new = k_c * c + (1.0 - k_c) * c_new
+        if ZONEOUT_H:
+            k_h = _zoneout_weight(rows, p, P, zkey_h, zthr_h, zprob_ptr, ZONEOUT_EXPECTED)
+            h_new = k_h * h.to(acc_dtype) + (1.0 - k_h) * h_new
+        h_new = h_new.to(dtype)
         tl.store(out_ptr + rows[:, None] * P + p[None, :], h_new,
                  mask=b_live[:, None] & p_ok[None, :])
         if SAVE:
@@ -458,16 +558,19 @@ def _lstm_fwd_sequence_kernel(
              mask=b_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=["T", "B"] + _ZONEOUT_ARGS)
 def _lstm_bwd_sequence_kernel(
     # pointers
     grad_out_ptr, grad_hn_ptr, grad_cn_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, gates_ptr, cells_ptr,
-    grad_xg_ptr, grad_h0_ptr, grad_c0_ptr, grad_h_total_ptr, offsets_ptr, lives_ptr,
+    grad_xg_ptr, grad_h0_ptr, grad_c0_ptr, grad_h_total_ptr, offsets_ptr, lives_ptr, zprob_ptr,
     # sizes
     T, B, H, P,
+    # zoneout keys and thresholds (see _zoneout_weight)
+    zkey_h, zthr_h, zkey_c, zthr_c,
     # meta-parameters: HP, PP are H, P padded to powers of two (>= 16)
     BLOCK_B: tl.constexpr, HP: tl.constexpr, PP: tl.constexpr,
     PACKED: tl.constexpr, REVERSE: tl.constexpr, HAS_PROJ: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, ZONEOUT_EXPECTED: tl.constexpr,
 ):
     """The reverse recurrence over all T steps for one batch tile; dh and dc stay in registers."""
     pid_b = tl.program_id(0)
@@ -506,6 +609,10 @@ def _lstm_bwd_sequence_kernel(
         p_mask = b_live[:, None] & p_ok[None, :]
         grad_out = tl.load(grad_out_ptr + rows[:, None] * P + p[None, :], mask=p_mask, other=0.0)
         dh_row = dh + grad_out.to(acc_dtype)
+        if ZONEOUT_H:  # k dh_row reaches h_prev directly, (1 - k) dh_row reaches h_new
+            k_h = _zoneout_weight(rows, p, P, zkey_h, zthr_h, zprob_ptr, ZONEOUT_EXPECTED)
+            carry_h = k_h * dh_row
+            dh_row = (1.0 - k_h) * dh_row
         if HAS_PROJ:
             tl.store(grad_h_total_ptr + rows[:, None] * P + p[None, :], dh_row.to(dtype),
                      mask=p_mask)
@@ -526,12 +633,21 @@ def _lstm_bwd_sequence_kernel(
                           mask=(b_live & ~prev_mask)[:, None] & j_ok[None, :],
                           other=0.0).to(acc_dtype)
 
+        dc_next = dc
+        if ZONEOUT_C:
+            c = forget_gate * c_prev + in_gate * cell_gate  # c_new, before the mix
+            k_c = _zoneout_weight(rows, j, H, zkey_c, zthr_c, zprob_ptr + 1, ZONEOUT_EXPECTED)
+            dc_next = (1.0 - k_c) * dc
+
         tanh_c = _tanh(c)
-        dc_total = dc + dr * out_gate * (1.0 - tanh_c * tanh_c)
+        dc_total = dc_next + dr * out_gate * (1.0 - tanh_c * tanh_c)
         d_in = dc_total * cell_gate * in_gate * (1.0 - in_gate)
         d_forget = dc_total * c_prev * forget_gate * (1.0 - forget_gate)
         d_cell = dc_total * in_gate * (1.0 - cell_gate * cell_gate)
         d_out = dr * tanh_c * out_gate * (1.0 - out_gate)
+        dc_prev = dc_total * forget_gate
+        if ZONEOUT_C:
+            dc_prev += k_c * dc
         grad_tile = grad_xg_ptr + rows[:, None] * (4 * H) + j[None, :]
         tl.store(grad_tile, d_in.to(dtype), mask=mask)
         tl.store(grad_tile + H, d_forget.to(dtype), mask=mask)
@@ -548,8 +664,10 @@ def _lstm_bwd_sequence_kernel(
         dh_new += tl.dot(d_out,
                          tl.load(w_tile + 3 * H * P, mask=w_mask, other=0.0).to(acc_dtype),
                          input_precision="ieee")
+        if ZONEOUT_H:
+            dh_new += carry_h
         dh = tl.where(b_live[:, None], dh_new, dh)
-        dc = tl.where(b_live[:, None], dc_total * forget_gate, dc)
+        dc = tl.where(b_live[:, None], dc_prev, dc)
     tl.store(grad_h0_ptr + state_rows[:, None] * P + p[None, :], dh.to(dtype),
              mask=b_ok[:, None] & p_ok[None, :])
     tl.store(grad_c0_ptr + state_rows[:, None] * H + j[None, :], dc.to(dtype),
@@ -737,7 +855,45 @@ def _check_state_and_weights(dtype, device, batch, hidden, proj, h0, c0, w_hh, w
     return h0, c0, w_hh, w_hr
 
 
-def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
+def _zoneout_args(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected, acc, device, dummy):
+    """(zprob_ptr, keyword arguments) of the kernels for these zoneout settings.
+
+    Keys and thresholds go as int32 holding their uint32 bits (one argument type whatever the
+    seed, so one compiled kernel); the probabilities of evaluation (k = p) go in a tensor of the
+    accumulation dtype, so float64 runs keep them exact."""
+    for name, value in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"fastlstm_triton: {name} must be in [0, 1), got {value}")
+
+    def bits(value):
+        return value - (1 << 32) if value >= (1 << 31) else value
+
+    seed = int(zoneout_seed)
+    args = dict(
+        zkey_h=bits(_recurrence.zoneout_key(seed, _recurrence.ZONEOUT_H_STREAM)),
+        zthr_h=bits(_recurrence.zoneout_threshold(zoneout_h)),
+        zkey_c=bits(_recurrence.zoneout_key(seed, _recurrence.ZONEOUT_C_STREAM)),
+        zthr_c=bits(_recurrence.zoneout_threshold(zoneout_c)),
+        ZONEOUT_H=zoneout_h > 0, ZONEOUT_C=zoneout_c > 0,
+        ZONEOUT_EXPECTED=bool(zoneout_expected) and (zoneout_h > 0 or zoneout_c > 0))
+    zprob = dummy
+    if args["ZONEOUT_EXPECTED"]:
+        # Two fills rather than a host-to-device copy: capturable in a CUDA graph.
+        zprob = torch.empty(2, dtype=acc, device=device)
+        zprob[0].fill_(zoneout_h)
+        zprob[1].fill_(zoneout_c)
+    return zprob, args
+
+
+def _only(args, *names):
+    return {name: args[name] for name in names}
+
+
+_H_ONLY = ("zkey_h", "zthr_h", "ZONEOUT_H", "ZONEOUT_EXPECTED")
+
+
+def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, zoneout_h=0.0,
+                  zoneout_c=0.0, zoneout_seed=0, zoneout_expected=False):
     for name, tensor in (("xg", xg), ("h0", h0), ("c0", c0), ("w_hh", w_hh)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"fastlstm_triton: {name} must be a Tensor, got "
@@ -771,6 +927,8 @@ def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
     # Without save, gates/cells are empty; kernels receive a valid pointer they never store to.
     gates_arg = gates if save else torch.empty(1, dtype=acc, device=device)
     cells_arg = cells if save else gates_arg
+    zprob, zoneout = _zoneout_args(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected, acc,
+                                   device, gates_arg)
 
     if select_design(hidden, proj if w_hr is not None else 0, batch) == "sequence":
         offsets, lives = _step_tables(layout, device) if packed else (gates_arg, gates_arg)
@@ -779,11 +937,11 @@ def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
         if _run_sequence(
                 _lstm_fwd_sequence_kernel, (triton.cdiv(batch, block_b),), key,
                 xg, w_hh, w_hr if w_hr is not None else w_hh, h0, c0, out, h_n, c_n, gates_arg,
-                cells_arg, offsets, lives,
+                cells_arg, offsets, lives, zprob,
                 len(layout), batch, hidden, proj,
                 BLOCK_B=block_b, HP=_padded(hidden), PP=_padded(proj),
                 PACKED=packed, REVERSE=bool(reverse), HAS_PROJ=w_hr is not None,
-                SAVE=bool(save)):
+                SAVE=bool(save), **zoneout):
             return out, h_n, c_n, gates, cells
 
     c_state = c0.to(acc, copy=True)
@@ -796,24 +954,25 @@ def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save):
         block_b, block_h, block_k = _step_tiles(live, hidden, proj)
         grid = (triton.cdiv(live, block_b), triton.cdiv(hidden, block_h))
         _lstm_fwd_step_kernel[grid](
-            xg, w_hh, h0, out, h_n, c_state, r_state, gates_arg, cells_arg,
+            xg, w_hh, h0, out, h_n, c_state, r_state, gates_arg, cells_arg, zprob,
             offset, live, prev_offset, prev_live, hidden, proj,
             BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
-            HAS_PROJ=w_hr is not None, SAVE=bool(save))
+            HAS_PROJ=w_hr is not None, SAVE=bool(save), **zoneout)
         if w_hr is not None:
             # h = r @ W_hr^T needs every column of r: a second launch per step.
             block_b, block_p, block_k = _step_tiles(live, proj, hidden)
             grid = (triton.cdiv(live, block_b), triton.cdiv(proj, block_p))
             _lstm_fwd_proj_kernel[grid](
-                r_state, w_hr, out, h_n, offset, live, hidden, proj,
-                BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k)
+                r_state, w_hr, out, h_n, zprob, offset, live, hidden, proj,
+                BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k, **_only(zoneout, *_H_ONLY))
         previous = t
     c_n.copy_(c_state)
     return out, h_n, c_n, gates, cells
 
 
 def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells,
-                   reverse):
+                   reverse, zoneout_h=0.0, zoneout_c=0.0, zoneout_seed=0,
+                   zoneout_expected=False):
     for name, tensor in (("grad_out", grad_out), ("grad_hn", grad_hn), ("grad_cn", grad_cn),
                          ("c0", c0), ("w_hh", w_hh), ("gates", gates), ("cells", cells)):
         if not isinstance(tensor, torch.Tensor):
@@ -848,6 +1007,8 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
     if num_rows == 0 or batch == 0:
         return grad_xg, grad_hn.clone(), grad_cn.clone(), grad_h_total
     grad_h_total_arg = grad_h_total if has_proj else grad_xg
+    zprob, zoneout = _zoneout_args(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected, acc,
+                                   device, gates)
 
     if select_design(hidden, proj if has_proj else 0, batch) == "sequence":
         grad_h0 = torch.empty_like(grad_hn)
@@ -858,10 +1019,10 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
         if _run_sequence(
                 _lstm_bwd_sequence_kernel, (triton.cdiv(batch, block_b),), key,
                 grad_out, grad_hn, grad_cn, c0, w_hh, w_hr if has_proj else w_hh, gates, cells,
-                grad_xg, grad_h0, grad_c0, grad_h_total_arg, offsets, lives,
+                grad_xg, grad_h0, grad_c0, grad_h_total_arg, offsets, lives, zprob,
                 len(layout), batch, hidden, proj,
                 BLOCK_B=block_b, HP=_padded(hidden), PP=_padded(proj),
-                PACKED=packed, REVERSE=bool(reverse), HAS_PROJ=has_proj):
+                PACKED=packed, REVERSE=bool(reverse), HAS_PROJ=has_proj, **zoneout):
             return grad_xg, grad_h0, grad_c0, grad_h_total
 
     dh_state = grad_hn.to(acc, copy=True)
@@ -883,9 +1044,9 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
         block_b, block_p, block_k = _step_tiles(rows, proj, 4 * hidden)
         grid = (triton.cdiv(rows, block_b), triton.cdiv(proj, block_p))
         _lstm_bwd_dh_kernel[grid](
-            prev_dpre, w_hh, dh_state, grad_out, dh_row, grad_h_total_arg,
+            prev_dpre, w_hh, dh_state, grad_out, dh_row, grad_h_total_arg, zprob,
             offset, live, prev_live, hidden, proj,
-            BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k)
+            BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k, **_only(zoneout, *_H_ONLY))
 
     prev_live = 0
     for visit, t in enumerate(order):
@@ -902,9 +1063,10 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
         grid = (triton.cdiv(rows, block_b), triton.cdiv(hidden, block_h))
         _lstm_bwd_step_kernel[grid](
             grad_out, dh_row, w_hr if has_proj else w_hh, dpre_prev, w_hh, dh_state, dc_state,
-            gates, cells, c0, grad_xg, dpre,
+            gates, cells, c0, grad_xg, dpre, zprob,
             offset, live, prev_live, c_prev_offset, c_prev_live, hidden, proj,
-            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, HAS_PROJ=has_proj)
+            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, HAS_PROJ=has_proj,
+            **dict(zoneout, ZONEOUT_H=zoneout["ZONEOUT_H"] and not has_proj))
         prev_live = live
     # The last visited step's dh = dpre @ W_hh is grad_h0 for its rows: one more launch, no live
     # rows.
@@ -916,9 +1078,9 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
         grid = (triton.cdiv(prev_live, block_b), triton.cdiv(hidden, block_h))
         _lstm_bwd_step_kernel[grid](
             grad_out, dh_row, w_hh, last_dpre, w_hh, dh_state, dc_state,
-            gates, cells, c0, grad_xg, dpre_buffers[steps % 2],
+            gates, cells, c0, grad_xg, dpre_buffers[steps % 2], zprob,
             0, 0, prev_live, 0, 0, hidden, proj,
-            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, HAS_PROJ=False)
+            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, HAS_PROJ=False, **zoneout)
     return grad_xg, dh_state.to(dtype), dc_state.to(dtype), grad_h_total
 
 
@@ -929,7 +1091,9 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
 @torch.library.custom_op("fastlstm_triton::recurrence_forward", mutates_args=())
 def recurrence_forward(xg: torch.Tensor, batch_sizes: torch.Tensor, h0: torch.Tensor,
                        c0: torch.Tensor, w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
-                       reverse: bool, save: bool
+                       reverse: bool, save: bool, zoneout_h: float = 0.0,
+                       zoneout_c: float = 0.0, zoneout_seed: int = 0,
+                       zoneout_expected: bool = False
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor]:
     """The LSTM recurrence of one layer and direction (contract: fastlstm/_recurrence.py).
@@ -939,32 +1103,38 @@ def recurrence_forward(xg: torch.Tensor, batch_sizes: torch.Tensor, h0: torch.Te
     w_hr [P, H] or None (then P = H). All float tensors share xg's dtype and device.
     Returns out [N, P], h_n [B, P], c_n [B, H] in xg's dtype, and when save is set the activated
     gates [N, 4H] and cells [N, H] in the accumulation dtype (fp32, or fp64 for fp64 input);
-    otherwise both are empty [0, 4H] / [0, H].
+    otherwise both are empty [0, 4H] / [0, H]. zoneout_*: as in the contract (cells then hold
+    the mixed state).
     """
     with _on_device(xg):
-        return _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save)
+        return _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, zoneout_h,
+                             zoneout_c, zoneout_seed, zoneout_expected)
 
 
 @torch.library.custom_op("fastlstm_triton::recurrence_backward", mutates_args=())
 def recurrence_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor, grad_cn: torch.Tensor,
                         batch_sizes: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                         w_hr: Optional[torch.Tensor], gates: torch.Tensor, cells: torch.Tensor,
-                        reverse: bool
+                        reverse: bool, zoneout_h: float = 0.0, zoneout_c: float = 0.0,
+                        zoneout_seed: int = 0, zoneout_expected: bool = False
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reverse recurrence (contract: fastlstm/_recurrence.py).
 
     grad_out [N, P], grad_hn [B, P], grad_cn [B, H] in the input dtype; gates [N, 4H] and cells
     [N, H] as saved by recurrence_forward. Returns grad_xg [N, 4H] (pre-activation gate
     gradients), grad_h0 [B, P], grad_c0 [B, H] and, with w_hr, grad_h_total [N, P] (the whole
-    gradient reaching each row's h; [0, P] without projection).
+    gradient reaching each row's h; [0, P] without projection). zoneout_*: the forward's, whose
+    masks the kernels rebuild.
     """
     with _on_device(grad_out):
         return _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates,
-                              cells, reverse)
+                              cells, reverse, zoneout_h, zoneout_c, zoneout_seed,
+                              zoneout_expected)
 
 
 _recurrence.register("fastlstm_triton::recurrence_forward", recurrence_backward,
-                     backward_qualname="fastlstm_triton::recurrence_backward")
+                     backward_qualname="fastlstm_triton::recurrence_backward",
+                     extra_inputs=("zoneout_h", "zoneout_c", "zoneout_seed", "zoneout_expected"))
 
 __all__ = ["recurrence_forward", "recurrence_backward", "select_design", "DESIGN",
            "SEQUENCE_MAX_SIZE"]

@@ -23,8 +23,21 @@ from helpers import cpu_backends
 
 BACKENDS = cpu_backends()
 REGS = dict(weight_drop=0.3, locked_dropout=0.25, zoneout=(0.2, 0.35))
-# Zoneout runs inside the recurrence kernels of these backends; triton and cuda raise.
-ZONEOUT_BACKENDS = ("torch", "cpu")
+# Zoneout runs inside the recurrence kernels of these backends; cuda raises.
+ZONEOUT_BACKENDS = ("torch", "cpu", "triton")
+# The backends checked against the specification; triton once per kernel design (the
+# sequence-fused and the step-fused kernels are separate code).
+CASES = [b for b in BACKENDS if b != "triton"] + (
+    ["triton:sequence", "triton:step"] if "triton" in BACKENDS else [])
+
+
+def _use(monkeypatch, case):
+    """The backend name of a case, with the Triton design it names forced."""
+    backend, _, design = case.partition(":")
+    if design:
+        from fastlstm import triton_lstm
+        monkeypatch.setattr(triton_lstm, "DESIGN", design)
+    return backend
 
 
 def _supported(backend, regs):
@@ -141,6 +154,7 @@ def _pairs(module):
 
 def run_against_spec(monkeypatch, backend, dtype, *, layers=2, bidirectional=False, proj=0,
                      packed=False, training=True, regs=REGS, batch_first=False, tol=None):
+    backend = _use(monkeypatch, backend)
     torch.manual_seed(0)
     steps, batch, inputs, hidden = 5, 3, 4, 6
     regs = _supported(backend, regs)
@@ -185,7 +199,7 @@ def run_against_spec(monkeypatch, backend, dtype, *, layers=2, bidirectional=Fal
 
 # ---- each backend against the specification ------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CASES)
 @pytest.mark.parametrize("bidirectional,proj,packed", [
     (False, 0, False), (True, 0, False), (False, 3, False), (False, 0, True), (True, 3, True)])
 def test_training_matches_spec(monkeypatch, backend, bidirectional, proj, packed):
@@ -194,7 +208,8 @@ def test_training_matches_spec(monkeypatch, backend, bidirectional, proj, packed
     directions = 2 if bidirectional else 1
     assert len(masks["weight_drop"]) == 2 * directions
     assert len(masks["locked_dropout"]) == 1
-    assert len(masks["zoneout_seed"]) == (1 if backend in ZONEOUT_BACKENDS else 0)
+    assert len(masks["zoneout_seed"]) == (1 if backend.split(":")[0] in ZONEOUT_BACKENDS
+                                          else 0)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ZONEOUT_BACKENDS])
@@ -204,21 +219,21 @@ def test_zoneout_unsupported_backend_says_so(backend):
         module(torch.randn(3, 2, 4))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CASES)
 def test_training_matches_spec_fp32_batch_first(monkeypatch, backend):
     run_against_spec(monkeypatch, backend, torch.float32, batch_first=True, bidirectional=True)
 
 
 @pytest.mark.parametrize("backend,regs", [
-    (backend, regs) for backend in BACKENDS
+    (backend, regs) for backend in CASES
     for regs in [dict(weight_drop=0.5), dict(locked_dropout=0.5), dict(zoneout=0.3),
                  dict(zoneout=(0.0, 0.4)), dict(zoneout=(0.4, 0.0))]
-    if "zoneout" not in regs or backend in ZONEOUT_BACKENDS])
+    if "zoneout" not in regs or backend.split(":")[0] in ZONEOUT_BACKENDS])
 def test_each_regularizer_alone(monkeypatch, backend, regs):
     run_against_spec(monkeypatch, backend, torch.float64, regs=regs, bidirectional=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CASES)
 @pytest.mark.parametrize("proj,packed", [(0, False), (3, True)])
 def test_eval_uses_expectation(monkeypatch, backend, proj, packed):
     """Eval: weight_drop and locked_dropout are the identity, zoneout its expectation."""
@@ -408,3 +423,70 @@ def test_convert_and_old_pickles_have_regularizers_off():
         delattr(state, name)
     assert state(torch.randn(2, 1, 4))[0].shape == (2, 1, 6)
     assert repr(state) == repr(nn.LSTM(4, 6))
+
+
+# ---- GPU kernels at sizes of several tiles, against the torch backend on the same device ------
+
+GPU_CASES = [
+    # (backend, Triton design, hidden, proj)
+    ("triton", "sequence", 48, 0), ("triton", "sequence", 40, 24),
+    ("triton", "step", 160, 0), ("triton", "step", 144, 80),
+]
+
+
+def _gpu_run(backend, hidden, proj, packed, training, regs):
+    """Outputs and gradients of a 2-layer bidirectional LSTM on CUDA, with the masks a fixed
+    seed draws (the same for every backend: weight-drop and locked-dropout masks come from the
+    CUDA generator in the same order, the zoneout seed from the CPU one)."""
+    torch.manual_seed(1)
+    module = fastlstm.LSTM(24, hidden, 2, bidirectional=True, proj_size=proj, backend=backend,
+                           device="cuda", **regs).train(training)
+    with torch.no_grad():  # keep the gates out of saturation at these sizes
+        for parameter in module.parameters():
+            parameter.mul_(0.5)
+    generator = torch.Generator().manual_seed(2)
+    batch, steps = 40, 19
+    x = torch.randn(steps, batch, 24, generator=generator).cuda().requires_grad_()
+    inp = x
+    if packed:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+        lengths[0] = steps
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    torch.manual_seed(5)
+    out, (h, c) = module(inp)
+    out = out.data if packed else out
+    weight = torch.randn(out.shape, generator=generator).cuda()
+    ((out * weight).sum() + h.square().sum() + c.sum()).backward()
+    return [out, h, c, x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "{}-{}-H{}P{}".format(*c))
+def test_gpu_kernels_match_torch_backend(monkeypatch, case, packed, training):
+    backend, design, hidden, proj = case
+    if design is not None:
+        from fastlstm import triton_lstm
+        monkeypatch.setattr(triton_lstm, "DESIGN", design)
+    want = _gpu_run("torch", hidden, proj, packed, training, REGS)
+    got = _gpu_run(backend, hidden, proj, packed, training, REGS)
+    for index, (a, b) in enumerate(zip(got, want)):
+        # fp32: the kernels and cuBLAS sum in different orders over a few hundred terms.
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"#{index}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "{}-{}-H{}P{}".format(*c))
+def test_gpu_zoneout_masks_act(monkeypatch, case):
+    """Zoneout changes the result (its masks are not silently ignored), and z = 0 is the plain
+    model."""
+    backend, design, hidden, proj = case
+    if design is not None:
+        from fastlstm import triton_lstm
+        monkeypatch.setattr(triton_lstm, "DESIGN", design)
+    plain = _gpu_run(backend, hidden, proj, False, True, {})
+    off = _gpu_run(backend, hidden, proj, False, True, dict(zoneout=0.0))
+    on = _gpu_run(backend, hidden, proj, False, True, dict(zoneout=0.3))
+    assert all(torch.equal(a, b) for a, b in zip(plain, off))
+    assert not torch.allclose(plain[0], on[0], atol=1e-3)
