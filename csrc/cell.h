@@ -107,6 +107,19 @@ struct ZoneoutMasks {
   uint32_t key_h = 0, key_c = 0, threshold_h = 0, threshold_c = 0;
 };
 
+// Keep weight of element (row, unit) of the h mask (for_h) or the c mask; `units` is the mask's
+// width (P for h, H for c).
+template <typename Acc>
+FASTLSTM_HD Acc zoneout_weight(const ZoneoutMasks& masks, bool for_h, int64_t row, int64_t units,
+                               int64_t unit) {
+  if (masks.expected) return static_cast<Acc>(for_h ? masks.prob_h : masks.prob_c);
+  const uint32_t element = static_cast<uint32_t>(row * units + unit);
+  return zoneout_keeps(for_h ? masks.key_h : masks.key_c,
+                       for_h ? masks.threshold_h : masks.threshold_c, element)
+             ? Acc(1)
+             : Acc(0);
+}
+
 inline uint32_t zoneout_threshold(double probability) {
   const double scaled = probability * 4294967296.0;
   return scaled >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(scaled);

@@ -878,6 +878,16 @@ void forward_loop(const std::vector<int64_t>& sizes, bool reverse, int64_t hidde
   }
 }
 
+// The zoneout seed: a one-element int64 CPU tensor (a tensor, so that torch.compile traces the
+// seed drawn every forward as a value of the graph), or none (seed 0).
+int64_t zoneout_seed_value(const std::optional<Tensor>& seed, const char* op) {
+  if (!seed.has_value() || !seed->defined()) return 0;
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              op, ": zoneout_seed must be a one-element int64 CPU tensor, got ", seed->numel(),
+              " elements of ", seed->scalar_type(), " on ", seed->device());
+  return seed->item<int64_t>();
+}
+
 // With w_ih, the first argument is the layer input x [N, I] and the op computes the input gates
 // x @ W_ih^T itself: fused into the steps where they run on the own step GEMM (forward_split),
 // otherwise as one product up front.
@@ -885,7 +895,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
     const Tensor& xg_in, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0,
     const Tensor& w_hh_in, const std::optional<Tensor>& w_hr, bool reverse, bool save,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih, double zoneout_h,
-    double zoneout_c, int64_t zoneout_seed, bool zoneout_expected,
+    double zoneout_c, const std::optional<Tensor>& zoneout_seed, bool zoneout_expected,
     const std::optional<Tensor>& w_hh_mask) {
   const char* op = "fastlstm::recurrence_forward";
   const Tensor& w_hh = w_hh_in;
@@ -923,7 +933,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
   TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
               ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
   const ZoneoutMasks zone_masks =
-      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected);
+      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed_value(zoneout_seed, op),
+                         zoneout_expected);
   const ZoneoutMasks* zoneout = zoneout_h > 0 || zoneout_c > 0 ? &zone_masks : nullptr;
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
   // Every argument checked: the input projection, fused into the steps where forward_split runs
@@ -1068,8 +1079,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
     const Tensor& batch_sizes, const Tensor& c0, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const Tensor& gates, const Tensor& cells, bool reverse,
-    double zoneout_h, double zoneout_c, int64_t zoneout_seed, bool zoneout_expected,
-    const std::optional<Tensor>& w_hh_mask) {
+    double zoneout_h, double zoneout_c, const std::optional<Tensor>& zoneout_seed,
+    bool zoneout_expected, const std::optional<Tensor>& w_hh_mask) {
   const char* op = "fastlstm::recurrence_backward";
   TORCH_CHECK(grad_out.dim() == 2, op, ": grad_out must be 2-D [N, P], got shape ",
               grad_out.sizes());
@@ -1104,7 +1115,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
               ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
   const ZoneoutMasks zone_masks =
-      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected);
+      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed_value(zoneout_seed, op),
+                         zoneout_expected);
   const ZoneoutMasks* zoneout = zoneout_h > 0 || zoneout_c > 0 ? &zone_masks : nullptr;
   const Tensor* mask = w_hh_mask.has_value() ? &*w_hh_mask : nullptr;
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);

@@ -16,17 +16,21 @@
 //               its units = dgates @ W_hh[:, units], staging dgates in column chunks when all 4H
 //               columns do not fit beside the weights. bf16/fp16 multiply on tensor cores
 //               (mma.sync m16n8k16, fp32 accumulate; the backward's fp32 dgates as a hi + lo
-//               pair of 16-bit operands); fp32 uses fp32 FMA (no TF32). No proj_size, no fp64.
+//               pair of 16-bit operands); fp32 uses fp32 FMA (no TF32). No proj_size, no fp64,
+//               no zoneout.
 //   step        One launch per time step: each block computes h_{t-1} @ W_hh^T for a tile of
 //               8 hidden units x 4 gates and 16 rows, then the fused cell update (c kept in an fp32
 //               or fp64 state buffer; h_{t-1} read straight from the previous step's output rows
 //               or h0, so no h buffer is needed); plus a projection launch when proj_size > 0.
 //               Backward: a fused pointwise launch and a dgates @ W_hh launch per step (two more
 //               with proj_size). Any size, any dtype (fp64 included), any configuration.
+//               Zoneout (cell.h's hash, evaluated where each element is used, forward and
+//               backward alike) mixes c and h in the cell launch (h in the projection's epilogue
+//               with proj_size); its backward carries k * dh_row into the dgates @ W_hh epilogue.
 //
 // Selection (choose_kernel): the persistent kernel when it can hold its slice on chip and the
 // whole grid is co-resident, otherwise the step kernel. Its limits, and why:
-//   - no proj_size and no fp64 (the persistent kernel implements neither);
+//   - no proj_size, no fp64 and no zoneout (the persistent kernel implements none of them);
 //   - bf16/fp16 need sm_80+ (mma.sync bf16 m16n8k16);
 //   - U = ceil(H / #SMs) units per block, so one block per SM (H200/H100: 132 SMs, A100: 108);
 //   - B * U <= kThreads * kItems (c, h or dh, dc of every (row, unit) pair live in registers);
@@ -766,7 +770,7 @@ step_forward_kernel(const T* __restrict__ xg, const T* __restrict__ h0,
                     typename AccType<T>::type* __restrict__ r_state, T* __restrict__ h_n,
                     T* __restrict__ c_n, typename AccType<T>::type* __restrict__ gates,
                     typename AccType<T>::type* __restrict__ cells, StepInfo step, int hidden,
-                    int proj) {
+                    int proj, const ZoneoutMasks zoneout) {
   using Acc = typename AccType<T>::type;
   __shared__ Acc h_s[kStepRows][kStepK + 1];
   __shared__ Acc w_s[4 * kStepUnits][kStepK + 1];
@@ -818,10 +822,15 @@ step_forward_kernel(const T* __restrict__ xg, const T* __restrict__ h0,
   const T* x_row = xg + out_row * 4 * hidden + unit;
   GateValues<Acc> g;
   Acc c_new;
-  const Acc r = cell_forward<Acc>(
+  const Acc c_prev = c_state[int64_t(row) * hidden + unit];
+  Acc r = cell_forward<Acc>(
       acc[0] + static_cast<Acc>(x_row[0]), acc[1] + static_cast<Acc>(x_row[hidden]),
       acc[2] + static_cast<Acc>(x_row[2 * hidden]), acc[3] + static_cast<Acc>(x_row[3 * hidden]),
-      c_state[int64_t(row) * hidden + unit], g, c_new);
+      c_prev, g, c_new);
+  if (zoneout.c) {  // c keeps its previous value with weight k (cell.h)
+    const Acc keep = zoneout_weight<Acc>(zoneout, false, out_row, hidden, unit);
+    c_new = keep * c_prev + (Acc(1) - keep) * c_new;
+  }
   c_state[int64_t(row) * hidden + unit] = c_new;
   if (gates != nullptr) {
     Acc* gate_row = gates + out_row * 4 * hidden + unit;
@@ -836,6 +845,13 @@ step_forward_kernel(const T* __restrict__ xg, const T* __restrict__ h0,
   if (proj > 0) {
     r_state[int64_t(row) * hidden + unit] = r;
   } else {
+    if (zoneout.h) {  // h_prev: the same source the product above read
+      const Acc h_prev = row < step.prev_live
+          ? static_cast<Acc>(out[(step.prev_offset + row) * hidden + unit])
+          : static_cast<Acc>(h0[int64_t(row) * hidden + unit]);
+      const Acc keep = zoneout_weight<Acc>(zoneout, true, out_row, hidden, unit);
+      r = keep * h_prev + (Acc(1) - keep) * r;
+    }
     const T h_value = static_cast<T>(r);
     out[out_row * hidden + unit] = h_value;
     if (last_visit) h_n[int64_t(row) * hidden + unit] = h_value;
@@ -902,7 +918,8 @@ step_gemm_kernel(const typename AccType<T>::type* __restrict__ a, int lda,
   if (col0 + local_col + 16 < cols) epilogue(m, col0 + local_col + 16, acc1);
 }
 
-// Forward projection: out[row] = h = r @ W_hr^T.
+// Forward projection: out[row] = h = r @ W_hr^T, mixed with h_prev (the previous step's out row,
+// or h0) by zoneout.
 template <typename T>
 struct ProjectionEpilogue {
   T* out;
@@ -910,34 +927,56 @@ struct ProjectionEpilogue {
   int64_t offset;
   int next_live;
   int proj;
+  const T* h0;
+  int64_t prev_offset;
+  int prev_live;
+  ZoneoutMasks zoneout;
   __device__ void operator()(int m, int n, typename AccType<T>::type value) const {
+    using Acc = typename AccType<T>::type;
+    if (zoneout.h) {
+      const Acc h_prev = m < prev_live ? static_cast<Acc>(out[(prev_offset + m) * proj + n])
+                                       : static_cast<Acc>(h0[int64_t(m) * proj + n]);
+      const Acc keep = zoneout_weight<Acc>(zoneout, true, offset + m, proj, n);
+      value = keep * h_prev + (Acc(1) - keep) * value;
+    }
     const T h_value = static_cast<T>(value);
     out[(offset + m) * proj + n] = h_value;
     if (m >= next_live) h_n[int64_t(m) * proj + n] = h_value;
   }
 };
 
-// Backward: store into an accumulation-type state buffer [B, cols].
+// Backward: store into an accumulation-type state buffer [B, cols], plus `add` [B, cols] when
+// given (zoneout's carry k * dh_row of h).
 template <typename T>
 struct StoreEpilogue {
   typename AccType<T>::type* dst;
   int cols;
+  const typename AccType<T>::type* add = nullptr;
   __device__ void operator()(int m, int n, typename AccType<T>::type value) const {
-    dst[int64_t(m) * cols + n] = value;
+    const int64_t index = int64_t(m) * cols + n;
+    dst[index] = add != nullptr ? value + add[index] : value;
   }
 };
 
-// Backward with proj_size: dh_row = dh + grad_out[row] (kept in dh and in grad_h_total).
+// Backward with proj_size: dh_row = dh + grad_out[row] (kept in dh and in grad_h_total). Zoneout
+// of h splits it: k dh_row goes to carry (added to the step before's dh), (1 - k) dh_row stays.
 template <typename T>
 __global__ void step_add_grad_out_kernel(const T* __restrict__ grad_out,
                                          typename AccType<T>::type* __restrict__ dh,
-                                         T* __restrict__ grad_h_total, StepInfo step, int proj) {
+                                         T* __restrict__ grad_h_total,
+                                         typename AccType<T>::type* __restrict__ carry,
+                                         StepInfo step, int proj, const ZoneoutMasks zoneout) {
   using Acc = typename AccType<T>::type;
   const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= int64_t(step.live) * proj) return;
   const int64_t row = index / proj;
   const int64_t col = index % proj;
-  const Acc value = dh[index] + static_cast<Acc>(grad_out[(step.offset + row) * proj + col]);
+  Acc value = dh[index] + static_cast<Acc>(grad_out[(step.offset + row) * proj + col]);
+  if (zoneout.h) {
+    const Acc keep = zoneout_weight<Acc>(zoneout, true, step.offset + row, proj, col);
+    carry[index] = keep * value;
+    value = (Acc(1) - keep) * value;
+  }
   dh[index] = value;
   grad_h_total[(step.offset + row) * proj + col] = static_cast<T>(value);
 }
@@ -952,8 +991,9 @@ __global__ void step_backward_pointwise_kernel(
     const typename AccType<T>::type* __restrict__ dh,
     const typename AccType<T>::type* __restrict__ dr_state,
     typename AccType<T>::type* __restrict__ dc_state,
-    typename AccType<T>::type* __restrict__ dgates, T* __restrict__ grad_xg, StepInfo step,
-    int hidden, int proj) {
+    typename AccType<T>::type* __restrict__ dgates, T* __restrict__ grad_xg,
+    typename AccType<T>::type* __restrict__ carry, StepInfo step, int hidden, int proj,
+    const ZoneoutMasks zoneout) {
   using Acc = typename AccType<T>::type;
   const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= int64_t(step.live) * hidden) return;
@@ -966,15 +1006,25 @@ __global__ void step_backward_pointwise_kernel(
   g.f = gate_row[hidden];
   g.g = gate_row[2 * hidden];
   g.o = gate_row[3 * hidden];
-  const Acc c = cells[out_row * hidden + unit];
   const Acc c_prev = row < step.prev_live ? cells[(step.prev_offset + row) * hidden + unit]
                                           : static_cast<Acc>(c0[row * hidden + unit]);
-  const Acc dr = proj > 0 ? dr_state[index]
-                          : dh[index] + static_cast<Acc>(grad_out[out_row * hidden + unit]);
+  // With zoneout of c, cells hold the mixed state: the cell's own c_new is recomputed.
+  const Acc c = zoneout.c ? g.f * c_prev + g.i * g.g : cells[out_row * hidden + unit];
+  Acc dr = proj > 0 ? dr_state[index]
+                    : dh[index] + static_cast<Acc>(grad_out[out_row * hidden + unit]);
+  if (zoneout.h && proj == 0) {  // k dr reaches h_prev directly (with proj: split before)
+    const Acc keep = zoneout_weight<Acc>(zoneout, true, out_row, hidden, unit);
+    carry[index] = keep * dr;
+    dr = (Acc(1) - keep) * dr;
+  }
+  const Acc dc = dc_state[index];
+  Acc keep_c = Acc(0);
+  if (zoneout.c) keep_c = zoneout_weight<Acc>(zoneout, false, out_row, hidden, unit);
   GateGrads<Acc> grads;
   Acc dc_prev;
-  cell_backward<Acc>(g, c, c_prev, dr, dc_state[index], grads, dc_prev);
-  dc_state[index] = dc_prev;
+  // Zoneout of c: (1 - k) dc goes through the cell, k dc straight to c_prev.
+  cell_backward<Acc>(g, c, c_prev, dr, zoneout.c ? (Acc(1) - keep_c) * dc : dc, grads, dc_prev);
+  dc_state[index] = zoneout.c ? dc_prev + keep_c * dc : dc_prev;
   T* grad_row = grad_xg + out_row * 4 * hidden + unit;
   grad_row[0] = static_cast<T>(grads.i);
   grad_row[hidden] = static_cast<T>(grads.f);
@@ -1126,8 +1176,13 @@ const void* persistent_kernel_pointer(bool backward) {
 // Whether the persistent kernel can run this shape, and with which grid; the reasons are the
 // capacity limits listed at the top of this file.
 template <typename T, bool kTensorCores>
-Choice plan_persistent(bool backward, int64_t batch, int64_t hidden, bool has_proj) {
+Choice plan_persistent(bool backward, int64_t batch, int64_t hidden, bool has_proj,
+                       bool zoneout) {
   Choice choice;
+  if (zoneout) {
+    choice.why_not_persistent = "zoneout is handled by the step kernel only";
+    return choice;
+  }
   if (has_proj) {
     choice.why_not_persistent = "proj_size > 0 is handled by the step kernel only";
     return choice;
@@ -1216,10 +1271,12 @@ Choice plan_persistent(bool backward, int64_t batch, int64_t hidden, bool has_pr
 // in one launch, so it is used whenever plan_persistent says it fits (see the limits at the top);
 // everything else, and anything forced with FASTLSTM_CUDA_KERNEL=step, runs the step kernel.
 template <typename T>
-Choice choose_kernel(bool backward, int64_t batch, int64_t hidden, bool has_proj, int steps) {
+Choice choose_kernel(bool backward, int64_t batch, int64_t hidden, bool has_proj, bool zoneout,
+                     int steps) {
   const Requested requested = requested_kernel();
   if (requested == Requested::kStep || steps == 0 || batch == 0) return Choice{};
-  Choice choice = plan_persistent<T, IsMmaType<T>::value>(backward, batch, hidden, has_proj);
+  Choice choice =
+      plan_persistent<T, IsMmaType<T>::value>(backward, batch, hidden, has_proj, zoneout);
   TORCH_CHECK(requested != Requested::kPersistent || choice.kernel == Kernel::kPersistent,
               "FASTLSTM_CUDA_KERNEL=persistent, but the persistent ",
               backward ? "backward" : "forward", " kernel cannot run batch=", batch,
@@ -1285,19 +1342,31 @@ dim3 step_grid(int64_t cols, int64_t rows, int64_t col_tile, int64_t row_tile, c
               static_cast<unsigned>(grid_y));
 }
 
+// The zoneout seed: a one-element int64 CPU tensor (a tensor, so that torch.compile traces the
+// seed drawn every forward as a value of the graph), or none (seed 0).
+int64_t zoneout_seed_value(const std::optional<Tensor>& seed, const char* op) {
+  if (!seed.has_value() || !seed->defined()) return 0;
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              op, ": zoneout_seed must be a one-element int64 CPU tensor, got ", seed->numel(),
+              " elements of ", seed->scalar_type(), " on ", seed->device());
+  return seed->item<int64_t>();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
     const Tensor& xg_in, const Tensor& batch_sizes, const Tensor& h0_in, const Tensor& c0_in,
     const Tensor& w_hh_in, const std::optional<Tensor>& w_hr_in, bool reverse, bool save,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& w_ih, double zoneout_h,
-    double zoneout_c, int64_t zoneout_seed, bool zoneout_expected,
+    double zoneout_c, const std::optional<Tensor>& zoneout_seed, bool zoneout_expected,
     const std::optional<Tensor>& w_hh_mask) {
   constexpr const char* op = "fastlstm::recurrence_forward (cuda)";
   // The regularizers' arguments (fastlstm/_recurrence.py): fastlstm.LSTM passes the CUDA op the
-  // masked weight w_hh * mask itself, and zoneout runs on the cpu and torch backends only.
-  (void)zoneout_seed;
-  (void)zoneout_expected;
-  TORCH_CHECK(zoneout_h == 0 && zoneout_c == 0, op,
-              ": zoneout is implemented in the cpu and torch backends only");
+  // masked weight w_hh * mask itself; zoneout runs in the step kernels (the kernel choice falls
+  // back to them from the persistent kernel).
+  TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
+              ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
+  const ZoneoutMasks zoneout =
+      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed_value(zoneout_seed, op),
+                         zoneout_expected);
   TORCH_CHECK(!w_hh_mask.has_value(), op, ": w_hh_mask is implemented on the CPU only; pass the "
               "masked weight w_hh * mask as w_hh");
   TORCH_CHECK(!(w_ih.has_value() && w_ih->defined()), op,
@@ -1358,7 +1427,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "recurrence_forward_cuda", [&] {
     using Acc = typename AccType<scalar_t>::type;
-    const Choice choice = choose_kernel<scalar_t>(false, batch, hidden, has_proj, steps);
+    const Choice choice =
+        choose_kernel<scalar_t>(false, batch, hidden, has_proj, zoneout.h || zoneout.c, steps);
     if (choice.kernel == Kernel::kPersistent) {
       if constexpr (!std::is_same<scalar_t, double>::value) {
         constexpr bool kTensorCores = IsMmaType<scalar_t>::value;
@@ -1401,12 +1471,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cuda(
               has_proj ? r_state.data_ptr<Acc>() : nullptr, h_n.data_ptr<scalar_t>(),
               c_n.data_ptr<scalar_t>(), save ? gates.data_ptr<Acc>() : nullptr,
               save ? cells.data_ptr<Acc>() : nullptr, info, static_cast<int>(hidden),
-              static_cast<int>(proj));
+              static_cast<int>(proj), zoneout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (has_proj) {
-        ProjectionEpilogue<scalar_t> epilogue{out.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-                                              info.offset, info.next_live,
-                                              static_cast<int>(proj)};
+        ProjectionEpilogue<scalar_t> epilogue{out.data_ptr<scalar_t>(),
+                                              h_n.data_ptr<scalar_t>(),
+                                              info.offset,
+                                              info.next_live,
+                                              static_cast<int>(proj),
+                                              h0.data_ptr<scalar_t>(),
+                                              info.prev_offset,
+                                              info.prev_live,
+                                              zoneout};
         step_gemm_kernel<scalar_t, false>
             <<<step_grid(proj, info.live, kGemmCols, kGemmRows, op), kGemmThreads, 0, stream>>>(
                 r_state.data_ptr<Acc>(), static_cast<int>(hidden), w_hr.data_ptr<scalar_t>(),
@@ -1423,13 +1499,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
     const Tensor& grad_out_in, const Tensor& grad_hn_in, const Tensor& grad_cn_in,
     const Tensor& batch_sizes, const Tensor& c0_in, const Tensor& w_hh_in,
     const std::optional<Tensor>& w_hr_in, const Tensor& gates_in, const Tensor& cells_in,
-    bool reverse, double zoneout_h, double zoneout_c, int64_t zoneout_seed,
-    bool zoneout_expected, const std::optional<Tensor>& w_hh_mask) {
+    bool reverse, double zoneout_h, double zoneout_c,
+    const std::optional<Tensor>& zoneout_seed, bool zoneout_expected,
+    const std::optional<Tensor>& w_hh_mask) {
   constexpr const char* op = "fastlstm::recurrence_backward (cuda)";
-  (void)zoneout_seed;
-  (void)zoneout_expected;
-  TORCH_CHECK(zoneout_h == 0 && zoneout_c == 0, op,
-              ": zoneout is implemented in the cpu and torch backends only");
+  TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
+              ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
+  const ZoneoutMasks zoneout =
+      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed_value(zoneout_seed, op),
+                         zoneout_expected);
   TORCH_CHECK(!w_hh_mask.has_value(), op, ": w_hh_mask is implemented on the CPU only; pass the "
               "masked weight w_hh * mask as w_hh");
   TORCH_CHECK(grad_out_in.is_cuda(), op, ": grad_out must be a CUDA tensor, got ",
@@ -1490,7 +1568,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "recurrence_backward_cuda", [&] {
     using Acc = typename AccType<scalar_t>::type;
-    const Choice choice = choose_kernel<scalar_t>(true, batch, hidden, has_proj, steps);
+    const Choice choice =
+        choose_kernel<scalar_t>(true, batch, hidden, has_proj, zoneout.h || zoneout.c, steps);
     if (choice.kernel == Kernel::kPersistent) {
       if constexpr (!std::is_same<scalar_t, double>::value) {
         constexpr bool kTensorCores = IsMmaType<scalar_t>::value;
@@ -1527,6 +1606,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
     Tensor dc = at::empty({batch, hidden}, grad_out.options().dtype(acc)).copy_(grad_cn);
     Tensor dgates = at::empty({batch, 4 * hidden}, grad_out.options().dtype(acc));
     Tensor dr = has_proj ? at::empty({batch, hidden}, grad_out.options().dtype(acc)) : Tensor();
+    // Zoneout of h: k * dh_row of this step's rows, added to the dh the GEMM below computes.
+    Tensor carry =
+        zoneout.h ? at::empty({batch, out_dim}, grad_out.options().dtype(acc)) : Tensor();
+    Acc* carry_ptr = zoneout.h ? carry.data_ptr<Acc>() : nullptr;
     constexpr int kPointwiseThreads = 256;
     for (int s = 0; s < steps; ++s) {
       const int t = reverse ? s : steps - 1 - s;
@@ -1537,8 +1620,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
         step_add_grad_out_kernel<scalar_t>
             <<<static_cast<unsigned>((count + kPointwiseThreads - 1) / kPointwiseThreads),
                kPointwiseThreads, 0, stream>>>(grad_out.data_ptr<scalar_t>(), dh.data_ptr<Acc>(),
-                                               grad_h_total.data_ptr<scalar_t>(), info,
-                                               static_cast<int>(proj));
+                                               grad_h_total.data_ptr<scalar_t>(), carry_ptr, info,
+                                               static_cast<int>(proj), zoneout);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         // dr = dh_row @ W_hr: W_hr is (proj, hidden), so W(n=unit, k=p) = w_hr[p * hidden + unit].
         step_gemm_kernel<scalar_t, true>
@@ -1555,8 +1638,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
              kPointwiseThreads, 0, stream>>>(
               grad_out.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), gates.data_ptr<Acc>(),
               cells.data_ptr<Acc>(), dh.data_ptr<Acc>(), has_proj ? dr.data_ptr<Acc>() : nullptr,
-              dc.data_ptr<Acc>(), dgates.data_ptr<Acc>(), grad_xg.data_ptr<scalar_t>(), info,
-              static_cast<int>(hidden), static_cast<int>(proj));
+              dc.data_ptr<Acc>(), dgates.data_ptr<Acc>(), grad_xg.data_ptr<scalar_t>(), carry_ptr,
+              info, static_cast<int>(hidden), static_cast<int>(proj), zoneout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // dh = dgates @ W_hh: W_hh is (4*hidden, out_dim), so W(n, k) = w_hh[k * out_dim + n].
       step_gemm_kernel<scalar_t, true>
@@ -1564,7 +1647,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cuda(
               dgates.data_ptr<Acc>(), static_cast<int>(4 * hidden), w_hh.data_ptr<scalar_t>(),
               static_cast<int>(out_dim), info.live, static_cast<int>(out_dim),
               static_cast<int>(4 * hidden),
-              StoreEpilogue<scalar_t>{dh.data_ptr<Acc>(), static_cast<int>(out_dim)});
+              StoreEpilogue<scalar_t>{dh.data_ptr<Acc>(), static_cast<int>(out_dim), carry_ptr});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     grad_h0 = dh.to(dtype);

@@ -8,11 +8,13 @@ TORCH_LIBRARY(fastlstm, m) {
   m.def(
       "recurrence_forward(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, "
       "Tensor? w_hr, bool reverse, bool save, Tensor? bias=None, Tensor? w_ih=None, "
-      "float zoneout_h=0., float zoneout_c=0., int zoneout_seed=0, bool zoneout_expected=False, "
+      "float zoneout_h=0., float zoneout_c=0., Tensor? zoneout_seed=None, "
+      "bool zoneout_expected=False, "
       "Tensor? w_hh_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "recurrence_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor batch_sizes, "
       "Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor gates, Tensor cells, bool reverse, "
-      "float zoneout_h=0., float zoneout_c=0., int zoneout_seed=0, bool zoneout_expected=False, "
+      "float zoneout_h=0., float zoneout_c=0., Tensor? zoneout_seed=None, "
+      "bool zoneout_expected=False, "
       "Tensor? w_hh_mask=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -40,8 +40,10 @@ all rows, done here in Python: dW_hh = grad_xg^T @ h_prev, dW_hr = grad_h_total^
 
 Regularizers (fastlstm.LSTM's weight_drop, zoneout; locked dropout needs nothing from the ops).
 Both C++ ops take, after their other arguments,
-    float zoneout_h=0, float zoneout_c=0, int zoneout_seed=0, bool zoneout_expected=False,
+    float zoneout_h=0, float zoneout_c=0, Tensor? zoneout_seed=None, bool zoneout_expected=False,
     Tensor? w_hh_mask=None
+  zoneout_seed is a one-element int64 CPU tensor (None: seed 0): drawn every forward, it is a
+  value of the graph under torch.compile rather than a constant to guard on.
   zoneout: per row and unit, h and c keep their previous value with a keep weight k:
       c_new = f * c_prev + i * g;  c = k_c * c_prev + (1 - k_c) * c_new
       h_new = o * tanh(c_new) (@ W_hr^T);  h = k_h * h_prev + (1 - k_h) * h_new;  out[row] = h
@@ -136,10 +138,24 @@ def _hash32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def zoneout_key(seed: int, stream: int) -> int:
-    """The 32-bit key of one mask (stream ZONEOUT_H_STREAM or ZONEOUT_C_STREAM) of a layer."""
+def zoneout_key(seed, stream: int):
+    """The 32-bit key of one mask (stream ZONEOUT_H_STREAM or ZONEOUT_C_STREAM) of a layer.
+
+    `seed`: an int, or an int64 tensor (the ops' zoneout_seed), which gives a 0-d int64 tensor
+    (no host sync, and traceable by torch.compile)."""
+    if torch.is_tensor(seed):
+        seed = seed.reshape(()).to(torch.int64)
+        high = (seed >> 32) & _MASK32
+        return _hash32_tensor((seed & _MASK32) ^ _hash32_tensor(high ^ _hash32(stream + 1)))
     seed &= (1 << 64) - 1
     return _hash32((seed & _MASK32) ^ _hash32((seed >> 32) ^ _hash32(stream + 1)))
+
+
+def seed_value(seed) -> int:
+    """An op's zoneout_seed (None, an int or a one-element int64 tensor) as a Python int."""
+    if seed is None:
+        return 0
+    return int(seed.reshape(()).item()) if torch.is_tensor(seed) else int(seed)
 
 
 def zoneout_threshold(probability: float) -> int:
@@ -163,6 +179,8 @@ def zoneout_keep(num_rows: int, units: int, probability: float, seed: int, strea
     if expected:
         return torch.full((num_rows, units), probability, dtype=dtype, device=device)
     key = zoneout_key(seed, stream)
+    if torch.is_tensor(key):
+        key = key.to(device)
     element = torch.arange(num_rows * units, dtype=torch.int64, device=device) & _MASK32
     u = _hash32_tensor((_hash32_tensor(element ^ key) + key) & _MASK32)
     return (u < zoneout_threshold(probability)).to(dtype).reshape(num_rows, units)
@@ -174,13 +192,14 @@ def zoneout_keep(num_rows: int, units: int, probability: float, seed: int, strea
 
 def _zoneout_masks(num_rows, proj, hidden, zoneout_h, zoneout_c, zoneout_seed, zoneout_expected,
                    acc, device):
+    seed = seed_value(zoneout_seed)
     keep = lambda p, units, stream: None if p == 0 else zoneout_keep(  # noqa: E731
-        num_rows, units, p, zoneout_seed, stream, zoneout_expected, acc, device)
+        num_rows, units, p, seed, stream, zoneout_expected, acc, device)
     return (keep(zoneout_h, proj, ZONEOUT_H_STREAM), keep(zoneout_c, hidden, ZONEOUT_C_STREAM))
 
 
 def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, bias=None,
-                                 zoneout_h=0.0, zoneout_c=0.0, zoneout_seed=0,
+                                 zoneout_h=0.0, zoneout_c=0.0, zoneout_seed=None,
                                  zoneout_expected=False, w_hh_mask=None):
     dtype, acc = xg.dtype, acc_dtype(xg.dtype)
     bias_acc = 0 if bias is None else bias.to(acc)
@@ -223,7 +242,7 @@ def reference_recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, s
 
 def reference_recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr,
                                   gates, cells, reverse, zoneout_h=0.0, zoneout_c=0.0,
-                                  zoneout_seed=0, zoneout_expected=False, w_hh_mask=None):
+                                  zoneout_seed=None, zoneout_expected=False, w_hh_mask=None):
     dtype, acc = grad_out.dtype, acc_dtype(grad_out.dtype)
     num_rows, hidden = gates.shape[0], c0.shape[1]
     batch = c0.shape[0]
@@ -295,7 +314,7 @@ def _wants_grad(ctx, index):
 CPP_EXTRA_INPUTS = ("bias", "w_ih", "zoneout_h", "zoneout_c", "zoneout_seed", "zoneout_expected",
                     "w_hh_mask")
 _EXTRA_DEFAULTS = {"bias": None, "w_ih": None, "zoneout_h": 0.0, "zoneout_c": 0.0,
-                   "zoneout_seed": 0, "zoneout_expected": False, "w_hh_mask": None}
+                   "zoneout_seed": None, "zoneout_expected": False, "w_hh_mask": None}
 
 
 def _make_setup_context(extra_names):
@@ -318,9 +337,9 @@ def _make_setup_context(extra_names):
         ctx.has_proj = w_hr is not None
         ctx.saved = save
         ctx.zoneout = {name: extra[name] for name in
-                       ("zoneout_h", "zoneout_c", "zoneout_seed", "zoneout_expected")}
+                       ("zoneout_h", "zoneout_c", "zoneout_expected")}
         ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x_kept,
-                              w_ih_kept, extra["w_hh_mask"])
+                              w_ih_kept, extra["w_hh_mask"], extra["zoneout_seed"])
     return setup_context
 
 
@@ -345,7 +364,7 @@ def make_backward(backward_op, mm=None, addmm=None):
 
     def backward(ctx, grad_out, grad_hn, grad_cn, _grad_gates, _grad_cells):
         (batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells, x, w_ih,
-         w_hh_mask) = ctx.saved_tensors
+         w_hh_mask, zoneout_seed) = ctx.saved_tensors
         if not ctx.saved:
             raise RuntimeError("fastlstm: recurrence_forward was called with save=False, so it "
                                "kept nothing for backward; call it with save=True when training")
@@ -356,7 +375,7 @@ def make_backward(backward_op, mm=None, addmm=None):
         regularized = zoneout["zoneout_h"] > 0 or zoneout["zoneout_c"] > 0
         extra = ()
         if regularized or w_hh_mask is not None:
-            extra = (zoneout["zoneout_h"], zoneout["zoneout_c"], zoneout["zoneout_seed"],
+            extra = (zoneout["zoneout_h"], zoneout["zoneout_c"], zoneout_seed,
                      zoneout["zoneout_expected"])
             if w_hh_mask is not None:
                 extra = extra + (w_hh_mask,)
@@ -370,7 +389,7 @@ def make_backward(backward_op, mm=None, addmm=None):
         if ctx.needs_input_grad[4]:
             grad_w_hh = _grad_w_hh(grad_xg, out, h0, batch_sizes, ctx.reverse, mm_, addmm_)
             if w_hh_mask is not None:  # the recurrence multiplied by W_hh * mask
-                grad_w_hh = grad_w_hh * w_hh_mask
+                grad_w_hh = grad_w_hh.mul_(w_hh_mask)  # a fresh product: in place
         if ctx.has_proj and ctx.needs_input_grad[5]:
             hidden = c0.shape[1]
             c_new = cells

@@ -4,12 +4,12 @@ The two ops follow the contract of fastlstm/_recurrence.py exactly (row layout, 
 sizes, reverse, save, projection, accumulation dtype):
 
   fastlstm_triton::recurrence_forward(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save,
-                                      zoneout_h=0, zoneout_c=0, zoneout_seed=0,
+                                      zoneout_h=0, zoneout_c=0, zoneout_seed=None,
                                       zoneout_expected=False)
       -> (out, h_n, c_n, gates, cells)
   fastlstm_triton::recurrence_backward(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr,
                                        gates, cells, reverse, zoneout_h=0, zoneout_c=0,
-                                       zoneout_seed=0, zoneout_expected=False)
+                                       zoneout_seed=None, zoneout_expected=False)
       -> (grad_xg, grad_h0, grad_c0, grad_h_total)
 
 The input projection before the recurrence and the weight gradients after it are single large
@@ -868,7 +868,7 @@ def _zoneout_args(zoneout_h, zoneout_c, zoneout_seed, zoneout_expected, acc, dev
     def bits(value):
         return value - (1 << 32) if value >= (1 << 31) else value
 
-    seed = int(zoneout_seed)
+    seed = _recurrence.seed_value(zoneout_seed)
     args = dict(
         zkey_h=bits(_recurrence.zoneout_key(seed, _recurrence.ZONEOUT_H_STREAM)),
         zthr_h=bits(_recurrence.zoneout_threshold(zoneout_h)),
@@ -893,7 +893,7 @@ _H_ONLY = ("zkey_h", "zthr_h", "ZONEOUT_H", "ZONEOUT_EXPECTED")
 
 
 def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, zoneout_h=0.0,
-                  zoneout_c=0.0, zoneout_seed=0, zoneout_expected=False):
+                  zoneout_c=0.0, zoneout_seed=None, zoneout_expected=False):
     for name, tensor in (("xg", xg), ("h0", h0), ("c0", c0), ("w_hh", w_hh)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"fastlstm_triton: {name} must be a Tensor, got "
@@ -971,7 +971,7 @@ def _forward_impl(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, save, zoneout_h=
 
 
 def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells,
-                   reverse, zoneout_h=0.0, zoneout_c=0.0, zoneout_seed=0,
+                   reverse, zoneout_h=0.0, zoneout_c=0.0, zoneout_seed=None,
                    zoneout_expected=False):
     for name, tensor in (("grad_out", grad_out), ("grad_hn", grad_hn), ("grad_cn", grad_cn),
                          ("c0", c0), ("w_hh", w_hh), ("gates", gates), ("cells", cells)):
@@ -1092,7 +1092,7 @@ def _backward_impl(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gate
 def recurrence_forward(xg: torch.Tensor, batch_sizes: torch.Tensor, h0: torch.Tensor,
                        c0: torch.Tensor, w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
                        reverse: bool, save: bool, zoneout_h: float = 0.0,
-                       zoneout_c: float = 0.0, zoneout_seed: int = 0,
+                       zoneout_c: float = 0.0, zoneout_seed: Optional[torch.Tensor] = None,
                        zoneout_expected: bool = False
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor]:
@@ -1116,7 +1116,8 @@ def recurrence_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor, grad_cn: 
                         batch_sizes: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                         w_hr: Optional[torch.Tensor], gates: torch.Tensor, cells: torch.Tensor,
                         reverse: bool, zoneout_h: float = 0.0, zoneout_c: float = 0.0,
-                        zoneout_seed: int = 0, zoneout_expected: bool = False
+                        zoneout_seed: Optional[torch.Tensor] = None,
+                        zoneout_expected: bool = False
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reverse recurrence (contract: fastlstm/_recurrence.py).
 

@@ -23,8 +23,6 @@ from helpers import cpu_backends
 
 BACKENDS = cpu_backends()
 REGS = dict(weight_drop=0.3, locked_dropout=0.25, zoneout=(0.2, 0.35))
-# Zoneout runs inside the recurrence kernels of these backends; cuda raises.
-ZONEOUT_BACKENDS = ("torch", "cpu", "triton")
 # The backends checked against the specification; triton once per kernel design (the
 # sequence-fused and the step-fused kernels are separate code).
 CASES = [b for b in BACKENDS if b != "triton"] + (
@@ -38,13 +36,6 @@ def _use(monkeypatch, case):
         from fastlstm import triton_lstm
         monkeypatch.setattr(triton_lstm, "DESIGN", design)
     return backend
-
-
-def _supported(backend, regs):
-    """`regs` without zoneout on a backend that does not run it."""
-    if backend in ZONEOUT_BACKENDS:
-        return regs
-    return {name: value for name, value in regs.items() if name != "zoneout"}
 
 
 # ---- the specification --------------------------------------------------------------------
@@ -157,7 +148,6 @@ def run_against_spec(monkeypatch, backend, dtype, *, layers=2, bidirectional=Fal
     backend = _use(monkeypatch, backend)
     torch.manual_seed(0)
     steps, batch, inputs, hidden = 5, 3, 4, 6
-    regs = _supported(backend, regs)
     module = fastlstm.LSTM(inputs, hidden, layers, bidirectional=bidirectional, proj_size=proj,
                            batch_first=batch_first, backend=backend, dtype=dtype, **regs)
     module.train(training)
@@ -208,15 +198,7 @@ def test_training_matches_spec(monkeypatch, backend, bidirectional, proj, packed
     directions = 2 if bidirectional else 1
     assert len(masks["weight_drop"]) == 2 * directions
     assert len(masks["locked_dropout"]) == 1
-    assert len(masks["zoneout_seed"]) == (1 if backend.split(":")[0] in ZONEOUT_BACKENDS
-                                          else 0)
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ZONEOUT_BACKENDS])
-def test_zoneout_unsupported_backend_says_so(backend):
-    module = fastlstm.LSTM(4, 6, backend=backend, zoneout=0.1)
-    with pytest.raises(NotImplementedError, match=f"zoneout .* {backend} backend"):
-        module(torch.randn(3, 2, 4))
+    assert len(masks["zoneout_seed"]) == 1
 
 
 @pytest.mark.parametrize("backend", CASES)
@@ -227,8 +209,7 @@ def test_training_matches_spec_fp32_batch_first(monkeypatch, backend):
 @pytest.mark.parametrize("backend,regs", [
     (backend, regs) for backend in CASES
     for regs in [dict(weight_drop=0.5), dict(locked_dropout=0.5), dict(zoneout=0.3),
-                 dict(zoneout=(0.0, 0.4)), dict(zoneout=(0.4, 0.0))]
-    if "zoneout" not in regs or backend.split(":")[0] in ZONEOUT_BACKENDS])
+                 dict(zoneout=(0.0, 0.4)), dict(zoneout=(0.4, 0.0))]])
 def test_each_regularizer_alone(monkeypatch, backend, regs):
     run_against_spec(monkeypatch, backend, torch.float64, regs=regs, bidirectional=True)
 
@@ -431,6 +412,9 @@ GPU_CASES = [
     # (backend, Triton design, hidden, proj)
     ("triton", "sequence", 48, 0), ("triton", "sequence", 40, 24),
     ("triton", "step", 160, 0), ("triton", "step", 144, 80),
+    # cuda: H = 48 without projection fits the persistent kernels, so zoneout must move the
+    # choice to the step kernels; the others run the step kernels anyway.
+    ("cuda", None, 48, 0), ("cuda", None, 160, 0), ("cuda", None, 144, 80),
 ]
 
 
@@ -490,3 +474,79 @@ def test_gpu_zoneout_masks_act(monkeypatch, case):
     on = _gpu_run(backend, hidden, proj, False, True, dict(zoneout=0.3))
     assert all(torch.equal(a, b) for a, b in zip(plain, off))
     assert not torch.allclose(plain[0], on[0], atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_persistent_kernel_leaves_zoneout_to_step_kernel(monkeypatch):
+    """Forcing the persistent kernel (which has no zoneout) with zoneout on is an error that says
+    so; without zoneout the same shape runs it."""
+    monkeypatch.setenv("FASTLSTM_CUDA_KERNEL", "persistent")
+    module = fastlstm.LSTM(24, 48, backend="cuda", device="cuda", zoneout=0.2)
+    x = torch.randn(10, 8, 24, device="cuda")
+    with pytest.raises(RuntimeError, match="zoneout is handled by the step kernel only"):
+        module(x)
+    module.zoneout = 0.0
+    module(x)[0].sum().backward()
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+
+def _compile_case(backend):
+    torch.manual_seed(0)
+    module = fastlstm.LSTM(5, 6, 2, bidirectional=True, backend=backend, **REGS)
+    x = torch.randn(4, 3, 5)
+    return module, x
+
+
+def _train_step(model, module, x, seed):
+    torch.manual_seed(seed)  # the same masks in eager and compiled runs
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out, (h, c) = model(x)
+    (out.square().sum() + h.sum() + c.sum()).backward()
+    return [out.detach(), h.detach(), c.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("backend", CASES)
+def test_compile_fullgraph_training_with_regularizers(monkeypatch, backend):
+    """Training with every regularizer on compiles to one graph (the zoneout seed is a tensor
+    passed to the ops, not an int read at trace time), reproduces eager exactly under
+    aot_eager, and draws new masks at every call rather than baking one draw into the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    backend = _use(monkeypatch, backend)
+    torch._dynamo.reset()
+    module, x = _compile_case(backend)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(module, fullgraph=True, backend=counter)
+    for seed in (11, 12):
+        want = _train_step(module, module, x, seed)
+        got = _train_step(compiled, module, x, seed)
+        for index, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6,
+                                       msg=lambda m: f"seed {seed}, #{index}: {m}")
+    assert counter.frame_count == 1
+    first = _train_step(compiled, module, x, 11)
+    second = _train_step(compiled, module, x, 12)
+    assert not torch.equal(first[0], second[0])
+    assert counter.frame_count == 1  # no recompilation for a new seed
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+def test_compile_inductor_training_with_regularizers():
+    """Inductor (whose random numbers are its own, so masks differ from eager) compiles training
+    with the regularizers into one graph; new masks every call, and eval equals eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    module, x = _compile_case("cpu")
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(module, fullgraph=True, backend=counter)
+    first = _train_step(compiled, module, x, 11)
+    second = _train_step(compiled, module, x, 12)
+    assert counter.frame_count == 1
+    assert all(t.isfinite().all() for t in first + second)
+    assert not torch.equal(first[0], second[0])
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], module(x)[0], atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
