@@ -98,15 +98,44 @@ inline void store(T* ptr, Lanes<T> value, int64_t count) {
   value.v.store(ptr, static_cast<int>(count));
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// cell.h's zoneout_hash32 on 8 lanes. Written out: GCC left the scalar loop below unvectorized
+// under this file's AVX2 target (one hash at a time, 8 per vector of floats), while AVX-512
+// vectorizes it as is.
+inline __m256i zoneout_hash32_avx2(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x1b873593));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+#endif
+
 // Zoneout keep weights of units [unit, unit + width) of one row: the hash of cell.h per lane
-// (a fixed-length loop of 32-bit integer operations, which the compiler vectorizes), or the
-// probability itself in evaluation.
+// (a fixed-length loop of 32-bit integer operations, which the compiler vectorizes; written
+// with AVX2 intrinsics for float under AVX2), or the probability itself in evaluation.
 template <typename T>
 inline Lanes<T> zoneout_keep_lanes(const ZoneoutMasks& masks, bool for_h, int64_t element) {
   const double prob = for_h ? masks.prob_h : masks.prob_c;
   if (masks.expected) return Lanes<T>(static_cast<T>(prob));
   const uint32_t key = for_h ? masks.key_h : masks.key_c;
   const uint32_t threshold = for_h ? masks.threshold_h : masks.threshold_c;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same<T, float>::value && Vectorized<T>::size() == 8) {
+    const __m256i keys = _mm256_set1_epi32(static_cast<int>(key));
+    const __m256i lanes = _mm256_add_epi32(
+        _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(element))),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i u = zoneout_hash32_avx2(
+        _mm256_add_epi32(zoneout_hash32_avx2(_mm256_xor_si256(lanes, keys)), keys));
+    // Unsigned u < threshold as a signed comparison of both with the top bit flipped.
+    const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const __m256i keep = _mm256_cmpgt_epi32(
+        _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(threshold)), flip),
+        _mm256_xor_si256(u, flip));
+    return Vectorized<T>(_mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_set1_ps(1.0f)));
+  }
+#endif
   constexpr int64_t width = Vectorized<T>::size();
   alignas(64) T keep[width];
   const uint32_t first = static_cast<uint32_t>(element);
