@@ -53,13 +53,26 @@ namespace fastlstm {
 namespace cpu {
 
 #if defined(__x86_64__) || defined(_M_X64)
+// FASTLSTM_CPU_ISA=avx2 or baseline (read once, at the first step) caps the pointwise kernels'
+// instruction set below what the CPU has, so that each copy can be tested on one machine.
+static bool cpu_isa_allows(const char* isa) {
+  const char* cap = std::getenv("FASTLSTM_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return true;
+  const std::string value(cap);
+  if (value == "baseline") return false;
+  if (value == "avx2") return std::string(isa) == "avx2";
+  return true;
+}
+
 static bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          cpu_isa_allows("avx2");
   return has;
 }
 
 static bool cpu_has_avx512() {
-  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+  static const bool has = cpu_has_avx2() && cpu_isa_allows("avx512") &&
+                          __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl");

@@ -550,3 +550,40 @@ def test_compile_inductor_training_with_regularizers():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[0], module(x)[0], atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
+
+
+# ---- the cpu kernels' other instruction sets -------------------------------------------------
+
+_ISA_SCRIPT = """
+import torch, fastlstm
+results = []
+for backend in ("torch", "cpu"):
+    torch.manual_seed(1)
+    module = fastlstm.LSTM(16, 40, 2, bidirectional=True, backend=backend,
+                           zoneout=(0.3, 0.45), weight_drop=0.2)
+    x = torch.randn(12, 9, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    torch.manual_seed(5)
+    out, (h, c) = module(x)
+    (out.square().sum() + h.sum() + c.square().sum()).backward()
+    results.append([out, h, c, x.grad] + [p.grad for p in module.parameters()])
+for want, got in zip(*results):
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cpu_zoneout_on_each_instruction_set(isa):
+    """FASTLSTM_CPU_ISA caps the cpu kernels' instruction set: the zoneout hash has its own
+    AVX2 code, and the baseline copy another, which an AVX-512 machine would never run."""
+    import os
+    import subprocess
+    import sys
+    if isa == "avx2" and not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("the CPU has no AVX2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTLSTM_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
