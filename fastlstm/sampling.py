@@ -176,8 +176,10 @@ def check_tokens(tokens: torch.Tensor, logits: torch.Tensor | None = None,
     if logits is not None:
         values = logits.reshape(-1, logits.shape[-1])[row].float()
         row_temperature = (float(temperature.reshape(-1)[row])
-                           if isinstance(temperature, torch.Tensor) else float(temperature))
-        if not (row_temperature >= 0.0 and math.isfinite(row_temperature)):
+                           if isinstance(temperature, torch.Tensor)
+                           else None if temperature is None else float(temperature))
+        if row_temperature is not None and not (row_temperature >= 0.0
+                                                and math.isfinite(row_temperature)):
             raise ValueError(f"fastlstm.sample: temperature must be finite and >= 0; row {row} "
                              f"has {row_temperature}")
         reason = _row_reason(values)

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 import fastlstm
 from fastlstm import sampling
@@ -34,6 +33,8 @@ def chi_square_p_value(tokens, probs):
     if expected_bins[-1] == 0:
         observed_bins, expected_bins = observed_bins[:-1], expected_bins[:-1]
     statistic = float(((observed_bins - expected_bins) ** 2 / expected_bins).sum())
+    # scipy is imported here, not at collection: without it only the chi-square tests skip.
+    stats = pytest.importorskip("scipy.stats", reason="chi-square tests need scipy")
     return float(stats.chi2.sf(statistic, max(1, observed_bins.numel() - 1)))
 
 
@@ -402,3 +403,12 @@ def test_cuda_graph_replay_draws_fresh_tokens(backend):
         draws.append(tokens.clone())
     torch.cuda.synchronize()
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def test_check_tokens_without_temperature_names_the_bad_row():
+    logits = torch.zeros(3, 5)
+    logits[1, 2] = float("nan")
+    tokens = torch.tensor([0, -1, 4])
+    with pytest.raises(ValueError, match="row 1 contains NaN"):
+        sampling.check_tokens(tokens, logits)
+    sampling.check_tokens(torch.tensor([0, 1, 4]), logits)  # no bad token: no error
