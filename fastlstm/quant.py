@@ -19,12 +19,39 @@ _PANEL = 16  # output rows per packed panel (csrc/quant_kernels.h)
 _GROUP = {torch.int8: 4, torch.bfloat16: 2}  # K values per 32-bit lane of a panel
 
 
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops' results for tracing (torch.compile, opcheck)."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("fastlstm::quant_linear_cpu")
+    def _(x, packed, scale, sums, bias, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("fastlstm::quant_lstm_layer_cpu")
+    def _(x, h0, c0, w_ih, w_ih_scale, w_ih_sums, w_hh, w_hh_scale, w_hh_sums, bias, reverse):
+        return x.new_empty(x.shape[0], x.shape[1], h0.shape[1]), h0.new_empty(h0.shape), \
+            c0.new_empty(c0.shape)
+
+    @torch.library.register_fake("fastlstm::quant_decode_cpu")
+    def _(token, h, c, embedding, w_ih, w_ih_scale, w_ih_sums, w_hh, w_hh_scale, w_hh_sums, bias,
+          head_weight, head_scale, head_sums, head_bias, temperature, top_k, top_p, min_p,
+          generator, num_steps):
+        return token.new_empty(token.shape[0], num_steps)
+
+
 def _ops():
     """torch.ops.fastlstm with the quantized ops, or a RuntimeError saying what is missing."""
     if _backends.extension() is None or not hasattr(torch.ops.fastlstm, "quant_lstm_layer_cpu"):
         reason = _backends._import_extension()[1] or "fastlstm._C was built without them"
         raise RuntimeError(f"fastlstm.quantize: the quantized CPU kernels are unavailable: {reason}; "
                            f"build the extension (`pip install --no-build-isolation -e .`)")
+    _register_fakes()
     return torch.ops.fastlstm
 
 
