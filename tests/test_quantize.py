@@ -426,3 +426,34 @@ def test_op_errors_and_opcheck():
         ops.quant_linear_cpu(torch.randn(3, 100), weight, scale[:-1], sums, q.head.bias, 97)
     with pytest.raises(RuntimeError, match="int8 or bfloat16"):
         ops.quant_linear_cpu(torch.randn(3, 100), weight.float(), scale, sums, q.head.bias, 97)
+
+
+# --- the bench suite --------------------------------------------------------------------------
+
+def test_bench_quant_suite_runs(tmp_path, capsys):
+    """`fastlstm bench --suites quant` (opt-in): records for int8 and bf16, decode and forward,
+    each timed against its baselines."""
+    from fastlstm import bench
+    from fastlstm.bench import records, shapes
+    assert "quant" not in shapes.SUITES  # not in the default run
+    out = tmp_path / "quant.jsonl"
+    code = bench.main(["--quick", "--suites", "quant", "--repeats", "2", "--out", str(out),
+                       "--quiet", "--shapes",
+                       "quant=int8:decode:65x16x32x1,bf16:forward:2x4x8x16x1"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    made = records.load([str(out)])
+    assert {(r["shape_label"], r["baseline"]) for r in made} == {
+        ("int8 decode V=65 E=16 H=32 L=1", "fastlstm float32"),
+        ("int8 decode V=65 E=16 H=32 L=1", "eager loop, torch.ao int8"),
+        ("bf16 forward B=2 T=4 I=8 H=16 L=1", "torch.ao int8 LSTM"),
+        ("bf16 forward B=2 T=4 I=8 H=16 L=1", "nn.LSTM float32")}
+    for record in made:
+        assert record["status"] == "ok" and record["suite"] == "quant"
+        assert record["ratio_median"] > 0 and len(record["ratios"]) == 2
+        assert record["unit"] == ("s/token" if "decode" in record["shape_label"] else "s")
+    with pytest.raises(ValueError, match="WEIGHTS:KIND:SIZES"):
+        shapes.parse_shapes_option(["quant=int4:decode:65x16x32x1"])
+    assert bench.main(["--suites", "quant", "--device", "cpu", "--backends", "torch", "--quick",
+                       "--out", "none", "--quiet"]) == 0
+    assert "skipped" in capsys.readouterr().out
