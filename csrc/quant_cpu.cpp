@@ -119,10 +119,11 @@ class Activations {
     }
   }
 
-  // The product of rows [first, first + rows) with panels [p0, p1) of w.
+  // The product of rows [first, first + rows) with panels [p0, p1) of w: out (+)= ..., both
+  // holding the columns from column0 on (see Gemm).
   Gemm gemm(const Packed& w, int64_t first, int64_t rows, int64_t p0, int64_t p1,
-            const float* base, int64_t base_ld, float* out, int64_t out_ld,
-            int64_t columns) const {
+            const float* base, int64_t base_ld, float* out, int64_t out_ld, int64_t columns,
+            int64_t base_column0 = 0, int64_t out_column0 = 0) const {
     Gemm g;
     g.rows = rows;
     g.panel_begin = p0;
@@ -137,8 +138,10 @@ class Activations {
     g.w_scale = w.scale;
     g.base = base;
     g.base_ld = base_ld;
+    g.base_column0 = base_column0;
     g.out = out;
     g.out_ld = out_ld;
+    g.out_column0 = out_column0;
     g.columns = columns;
     return g;
   }
@@ -211,17 +214,21 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const
   return out;
 }
 
+// Floats of projected inputs a part of the LSTM layer's region holds at a time (256 KB).
+constexpr int64_t kChunkFloats = int64_t(1) << 16;
+
 // Each part of a parallel region covers at least this many multiply-adds per step (decode and the
 // recurrence), so a small problem does not pay a barrier per step for a few microseconds of work.
 constexpr int64_t kMinWorkPerPart = int64_t(1) << 16;
 
 inline int64_t slice_begin(int64_t k, int64_t n, int64_t parts) { return n * k / parts; }
 
-// The cell update of the unit block `block` for rows [0, batch): pre-activations in `gates`
-// (row b at gates + b * gates_ld, the block at block * 64), c [B, H] in place, h written to
-// h_out (row b at h_out + b * h_ld).
-void cell_block(const cpu::DecodeKernels& cell, const float* gates, int64_t gates_ld, float* c,
-                float* h_out, int64_t h_ld, int64_t batch, int64_t hidden, int64_t block) {
+// The cell update of the unit block `block` for rows [0, batch): the block's pre-activations at
+// block_gates (row b at block_gates + b * gates_ld: i, f, g, o of its 16 units), c [B, H] in
+// place, h written to h_out (row b at h_out + b * h_ld).
+void cell_block(const cpu::DecodeKernels& cell, const float* block_gates, int64_t gates_ld,
+                float* c, float* h_out, int64_t h_ld, int64_t batch, int64_t hidden,
+                int64_t block) {
   const int64_t u0 = block * kPanel;
   cpu::ForwardStep<float> step{};
   step.hidden = hidden;  // c's row stride
@@ -229,7 +236,7 @@ void cell_block(const cpu::DecodeKernels& cell, const float* gates, int64_t gate
   step.unit_end = std::min(kPanel, hidden - u0);
   step.input_gates = nullptr;
   step.bias = nullptr;
-  step.gemm = gates + block * 4 * kPanel;
+  step.gemm = block_gates;
   step.gemm_ld = gates_ld;
   step.gemm_gate = kPanel;
   step.gates = nullptr;
@@ -280,44 +287,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_lstm_layer_cpu(
   const at::Tensor input = x.contiguous();
   const at::Tensor h_first = h0.contiguous();
 
-  // 1. The input projection of every step at once: xg [T * B, 4 * H_pad] = x @ W_ih^T + bias.
-  const int64_t gates_ld = 4 * hidden_pad;
-  at::Tensor xg = at::empty({steps * batch, gates_ld}, x.options());
-  float* const xg_data = xg.data_ptr<float>();
-  product(k, wi, input.data_ptr<float>(), steps * batch, in_size, bias.data_ptr<float>(), 0,
-          xg_data, gates_ld, gates_ld);
+  // 1. Every step's input rows quantized once, by all threads.
+  const float* const x_data = input.data_ptr<float>();
+  Activations x_act(wi, steps * batch);
+  at::parallel_for(0, steps * batch, 16, [&](int64_t r0, int64_t r1) {
+    x_act.fill(k, x_data + r0 * in_size, in_size, r0, r1 - r0, in_size);
+  });
 
-  // 2. The recurrence, in one parallel region: part k owns a slice of the unit blocks (and so of
-  // W_hh's panels), quantizes h_{t-1} for itself (B x H values, a few microseconds: cheaper than
-  // a second barrier per step), adds h_{t-1} @ W_hh^T into its columns of xg[t] and updates its
-  // units; a barrier per step. h_t is written straight into out[t], which the next step reads.
+  // 2. One parallel region: part k owns a slice of the unit blocks, so a slice of the columns of
+  // both products (the gates of its units). It projects a chunk of steps' inputs on its panels of
+  // W_ih (x @ W_ih^T + bias, kChunkFloats of them: they stay in L2 until the recurrence reads
+  // them), then runs those steps: quantizes h_{t-1} for itself (B x H values, a few
+  // microseconds: cheaper than a second barrier per step), adds h_{t-1} @ W_hh^T and updates its
+  // units; a barrier per step. h_t goes straight into out[t], which the next step reads.
+  // (Projecting every step at once into a [T * B, 4H] buffer first took a third more time at
+  // B=32, T=128, H=256: the buffer (16 MB) page-faulted in on every call and went through
+  // memory twice.)
   const int64_t blocks = hidden_pad / kPanel;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(
       {at::get_num_threads(), blocks, batch * 4 * hidden * hidden / kMinWorkPerPart}));
   float* const out_data = out.data_ptr<float>();
   float* const c_data = c_n.data_ptr<float>();
   const float* const h0_data = h_first.data_ptr<float>();
+  const float* const bias_data = bias.data_ptr<float>();
+  const int64_t gates_all = 4 * hidden_pad;
   cpu::PartBarrier barrier(parts);
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     const int64_t weight = part_end - part_begin;
     const int64_t b0 = slice_begin(part_begin, blocks, parts);
     const int64_t b1 = slice_begin(part_end, blocks, parts);
+    const int64_t width = (b1 - b0) * 4 * kPanel;  // this part's columns: [column0, +width)
+    const int64_t column0 = b0 * 4 * kPanel;
+    const int64_t chunk = std::max<int64_t>(
+        1, std::min<int64_t>(steps, kChunkFloats / std::max<int64_t>(1, batch * width)));
+    std::vector<float> projected(chunk * batch * width), gates(batch * width);
     Activations h_act(wh, batch);
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t t = reverse ? steps - 1 - s : s;
-      const float* h_prev =
-          s == 0 ? h0_data : out_data + (reverse ? t + 1 : t - 1) * batch * hidden;
-      float* gates = xg_data + t * batch * gates_ld;
-      if (b1 > b0) {
-        h_act.fill(k, h_prev, hidden, 0, batch, hidden);
-        run(k, wh, h_act.gemm(wh, 0, batch, 4 * b0, 4 * b1, gates, gates_ld, gates, gates_ld,
-                              gates_ld));
-        for (int64_t block = b0; block < b1; ++block) {
-          cell_block(cell, gates, gates_ld, c_data, out_data + t * batch * hidden, hidden, batch,
-                     hidden, block);
-        }
+    for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
+      const int64_t count = std::min(chunk, steps - s0);
+      // the chunk's steps are the times [t_first, t_first + count)
+      const int64_t t_first = reverse ? steps - s0 - count : s0;
+      if (width > 0) {
+        run(k, wi, x_act.gemm(wi, t_first * batch, count * batch, 4 * b0, 4 * b1, bias_data, 0,
+                              projected.data(), width, gates_all, 0, column0));
       }
-      barrier.arrive_and_wait(weight);
+      for (int64_t s = s0; s < s0 + count; ++s) {
+        const int64_t t = reverse ? steps - 1 - s : s;
+        if (width > 0) {
+          const float* h_prev =
+              s == 0 ? h0_data : out_data + (reverse ? t + 1 : t - 1) * batch * hidden;
+          h_act.fill(k, h_prev, hidden, 0, batch, hidden);
+          run(k, wh, h_act.gemm(wh, 0, batch, 4 * b0, 4 * b1,
+                                projected.data() + (t - t_first) * batch * width, width,
+                                gates.data(), width, gates_all, column0, column0));
+          for (int64_t block = b0; block < b1; ++block) {
+            cell_block(cell, gates.data() + (block - b0) * 4 * kPanel, width, c_data,
+                       out_data + t * batch * hidden, hidden, batch, hidden, block);
+          }
+        }
+        barrier.arrive_and_wait(weight);
+      }
     }
   });
   const int64_t last = reverse ? 0 : steps - 1;
@@ -504,8 +532,9 @@ at::Tensor quant_decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& 
           run(k, wh[l], h_act[l].gemm(wh[l], 0, batch, 4 * b0, 4 * b1, gates_data, gates_ld,
                                       gates_data, gates_ld, gates_ld));
           for (int64_t block = b0; block < b1; ++block) {
-            cell_block(cell, gates_data, gates_ld, c_data + l * batch * hidden,
-                       h_next + l * batch * hidden, hidden, batch, hidden, block);
+            cell_block(cell, gates_data + block * 4 * kPanel, gates_ld,
+                       c_data + l * batch * hidden, h_next + l * batch * hidden, hidden, batch,
+                       hidden, block);
           }
         }
         barrier.arrive_and_wait(weight);

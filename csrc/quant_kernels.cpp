@@ -58,8 +58,8 @@ void gemm_s8_portable(const Gemm& g) {
         const int64_t n = p * kPanel + j;
         if (n >= g.columns) break;
         const float product = (float(dot[j]) * g.a_scale[r]) * g.w_scale[n];
-        const float base = g.base == nullptr ? 0.0f : g.base[r * g.base_ld + n];
-        g.out[r * g.out_ld + n] = base + product;
+        const float base = g.base == nullptr ? 0.0f : g.base[r * g.base_ld + n - g.base_column0];
+        g.out[r * g.out_ld + n - g.out_column0] = base + product;
       }
     }
   }
@@ -106,8 +106,8 @@ void gemm_bf16_portable(const Gemm& g) {
       for (int64_t j = 0; j < kPanel; ++j) {
         const int64_t n = p * kPanel + j;
         if (n >= g.columns) break;
-        const float base = g.base == nullptr ? 0.0f : g.base[r * g.base_ld + n];
-        g.out[r * g.out_ld + n] = base + dot[j];
+        const float base = g.base == nullptr ? 0.0f : g.base[r * g.base_ld + n - g.base_column0];
+        g.out[r * g.out_ld + n - g.out_column0] = base + dot[j];
       }
     }
   }

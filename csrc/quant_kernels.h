@@ -46,10 +46,12 @@ struct Gemm {
   const void* w;             // the whole packed matrix (panel p at p * groups * 64 bytes)
   const int32_t* w_sums;     // [N_pad] sum_k Wq[n, k] (int8)
   const float* w_scale;      // [N_pad] (int8)
-  const float* base;         // out = base + product: base[r * base_ld + n]; base_ld 0 broadcasts
-  int64_t base_ld;           //   a bias row; base == out accumulates; nullptr: out = product
-  float* out;                // out[r * out_ld + n], n the output row of W (absolute)
+  const float* base;         // out = base + product: base[r * base_ld + n - base_column0];
+  int64_t base_ld;           //   base_ld 0 broadcasts a bias row; nullptr: out = product
+  int64_t base_column0;
+  float* out;                // out[r * out_ld + n - out_column0], n the output row of W
   int64_t out_ld;
+  int64_t out_column0;
   int64_t columns;           // only n < columns are stored
 };
 

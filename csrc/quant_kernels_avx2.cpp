@@ -43,11 +43,11 @@ inline void store_lanes(const Gemm& g, int64_t r, int64_t n0, __m256 value) {
   const int64_t count = g.columns - n0;
   if (count <= 0) return;
   if (g.base != nullptr) {
-    const float* base = g.base + r * g.base_ld + n0;
+    const float* base = g.base + r * g.base_ld + n0 - g.base_column0;
     value = _mm256_add_ps(value, count >= 8 ? _mm256_loadu_ps(base)
                                             : _mm256_maskload_ps(base, lanes_mask(count)));
   }
-  float* out = g.out + r * g.out_ld + n0;
+  float* out = g.out + r * g.out_ld + n0 - g.out_column0;
   if (count >= 8) {
     _mm256_storeu_ps(out, value);
   } else {

@@ -48,9 +48,10 @@ inline __mmask16 columns_mask(int64_t count) {
 // out[r, n0 .. n0 + 16) = base + value, the lanes n < columns only.
 inline void store_panel(const Gemm& g, int64_t r, int64_t n0, __m512 value, __mmask16 mask) {
   if (g.base != nullptr) {
-    value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, g.base + r * g.base_ld + n0));
+    value = _mm512_add_ps(
+        value, _mm512_maskz_loadu_ps(mask, g.base + r * g.base_ld + n0 - g.base_column0));
   }
-  _mm512_mask_storeu_ps(g.out + r * g.out_ld + n0, mask, value);
+  _mm512_mask_storeu_ps(g.out + r * g.out_ld + n0 - g.out_column0, mask, value);
 }
 
 // --- int8 ----------------------------------------------------------------------------------------

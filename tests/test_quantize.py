@@ -110,8 +110,9 @@ def test_linear_matches_float64_reference(dtype, rows, in_features, out_features
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bidirectional", [False, True])
+# (8, 40, 24, 256): the layer projects its inputs in chunks of 8 to 16 steps (csrc/quant_cpu.cpp)
 @pytest.mark.parametrize("batch, steps, input_size, hidden", [(3, 7, 20, 37), (1, 5, 64, 16),
-                                                              (6, 4, 9, 70)])
+                                                              (6, 4, 9, 70), (8, 40, 24, 256)])
 def test_lstm_layer_matches_float64_reference(dtype, bidirectional, batch, steps, input_size,
                                                hidden):
     torch.manual_seed(batch * 100 + hidden)
