@@ -4,7 +4,7 @@
 // (_mm512_dpbf16_ps: 32 bf16 products summed in pairs into float32 lanes), as
 // csrc/step_gemm_bf16.cpp uses it.
 //
-// A block of up to 4 activation rows x 4 panels (64 output rows) keeps 16 accumulators in
+// A block of up to 6 activation rows x 4 panels (64 output rows) keeps 24 accumulators in
 // registers; every 64-byte load of a panel feeds one instruction per row and every broadcast of an
 // activation group one per panel. At batch 1 (decode) the block is 1 row x 4 panels: four panel
 // streams read at once, bound by how fast the weights arrive.
@@ -28,7 +28,7 @@ namespace fastlstm {
 namespace quant {
 namespace {
 
-constexpr int kMaxRows = 4, kMaxPanels = 4;
+constexpr int kMaxRows = 6, kMaxPanels = 4;
 
 // A block of one row (decode) streams its panels once from L3 or memory, one 64-byte line per
 // panel per instruction: each panel's bytes are also asked for this far ahead.
@@ -97,7 +97,7 @@ void s8_block(const Gemm& g, int64_t r0, int64_t p0) {
   const int8_t* w = static_cast<const int8_t*>(g.w) + p0 * g.groups * kPanel * kS8Group;
   const int64_t panel_stride = g.groups * kPanel * kS8Group;
   __m512i acc[R][P];
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
@@ -110,7 +110,7 @@ void s8_block(const Gemm& g, int64_t r0, int64_t p0) {
       if (R == 1) _mm_prefetch(reinterpret_cast<const char*>(w + p * panel_stride + q * 64) +
                                    kPrefetchBytes, _MM_HINT_T0);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m512i av = _mm512_set1_epi32(load_group(a + r * g.lda + q * kS8Group));
 #pragma GCC unroll 4
@@ -125,7 +125,7 @@ void s8_block(const Gemm& g, int64_t r0, int64_t p0) {
     // the activations were q + 128: take 128 * sum_k Wq[n, k] back out
     const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(g.w_sums + n0), 7);
     const __m512 w_scale = _mm512_loadu_ps(g.w_scale + n0);
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], offset));
       const __m512 scaled = _mm512_mul_ps(dot, _mm512_set1_ps(g.a_scale[r0 + r]));
@@ -148,7 +148,9 @@ void run_blocks(const Gemm& g) {
       {Block<1, 1>::run, Block<1, 2>::run, Block<1, 3>::run, Block<1, 4>::run},
       {Block<2, 1>::run, Block<2, 2>::run, Block<2, 3>::run, Block<2, 4>::run},
       {Block<3, 1>::run, Block<3, 2>::run, Block<3, 3>::run, Block<3, 4>::run},
-      {Block<4, 1>::run, Block<4, 2>::run, Block<4, 3>::run, Block<4, 4>::run}};
+      {Block<4, 1>::run, Block<4, 2>::run, Block<4, 3>::run, Block<4, 4>::run},
+      {Block<5, 1>::run, Block<5, 2>::run, Block<5, 3>::run, Block<5, 4>::run},
+      {Block<6, 1>::run, Block<6, 2>::run, Block<6, 3>::run, Block<6, 4>::run}};
   for (int64_t p = g.panel_begin; p < g.panel_end; p += kMaxPanels) {
     const int64_t panels = std::min<int64_t>(kMaxPanels, g.panel_end - p);
     for (int64_t r = 0; r < g.rows; r += kMaxRows) {
@@ -193,7 +195,7 @@ void bf16_block(const Gemm& g, int64_t r0, int64_t p0) {
   const uint16_t* w = static_cast<const uint16_t*>(g.w) + p0 * g.groups * kPanel * kBf16Group;
   const int64_t panel_stride = g.groups * kPanel * kBf16Group;
   __m512 acc[R][P];
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
@@ -206,7 +208,7 @@ void bf16_block(const Gemm& g, int64_t r0, int64_t p0) {
       if (R == 1) _mm_prefetch(reinterpret_cast<const char*>(w + p * panel_stride + q * 32) +
                                    kPrefetchBytes, _MM_HINT_T0);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m512bh av =
           (__m512bh)_mm512_set1_epi32(load_group(a + r * g.lda + q * kBf16Group));
@@ -219,7 +221,7 @@ void bf16_block(const Gemm& g, int64_t r0, int64_t p0) {
     const int64_t n0 = (p0 + p) * kPanel;
     const __mmask16 mask = columns_mask(g.columns - n0);
     if (mask == 0) continue;
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int r = 0; r < R; ++r) store_panel(g, r0 + r, n0, acc[r][p], mask);
   }
 }
