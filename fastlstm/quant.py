@@ -49,8 +49,8 @@ def _ops():
     """torch.ops.fastlstm with the quantized ops, or a RuntimeError saying what is missing."""
     if _backends.extension() is None or not hasattr(torch.ops.fastlstm, "quant_lstm_layer_cpu"):
         reason = _backends._import_extension()[1] or "fastlstm._C was built without them"
-        raise RuntimeError(f"fastlstm.quantize: the quantized CPU kernels are unavailable: {reason}; "
-                           f"build the extension (`pip install --no-build-isolation -e .`)")
+        raise RuntimeError(f"fastlstm.quantize: the quantized CPU kernels are unavailable: "
+                           f"{reason}; build the extension (`pip install --no-build-isolation -e .`)")
     _register_fakes()
     return torch.ops.fastlstm
 
@@ -370,7 +370,8 @@ def quantize(model: nn.Module, dtype=torch.qint8) -> nn.Module:
     """
     fmt = _weight_format(dtype)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fastlstm.quantize: model must be an nn.Module; got {type(model).__name__}")
+        raise TypeError(f"fastlstm.quantize: model must be an nn.Module; got "
+                        f"{type(model).__name__}")
     _ops()
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.device.type != "cpu":

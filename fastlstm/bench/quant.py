@@ -158,5 +158,6 @@ def build(shape: QuantShape, device, dtype: torch.dtype, backend: str,
         flops += 2 * steps * batch * 4 * hidden * ((input_size if layer == 0 else hidden) + hidden)
     return Workload(
         fastlstm=forward(quantized, True),
-        baselines={"torch.ao int8 LSTM": forward(ao, False), "nn.LSTM float32": forward(lstm, True)},
+        baselines={"torch.ao int8 LSTM": forward(ao, False),
+                   "nn.LSTM float32": forward(lstm, True)},
         backend_ran=ran, work={"tokens": steps * batch, "flops": flops})

@@ -82,7 +82,8 @@ class DecodeShape:
 
 
 SUITES = ("train", "forward", "decode", "sample")
-# Suites run only when named with --suites: quant (quantized CPU inference, fastlstm/bench/quant.py).
+# Suites run only when named with --suites: quant (quantized CPU inference,
+# fastlstm/bench/quant.py).
 OPT_IN_SUITES = ("quant",)
 
 # This machine's (CPU) figures, as the performance goals state them.
