@@ -82,6 +82,9 @@ class DecodeShape:
 
 
 SUITES = ("train", "forward", "decode", "sample")
+# Suites run only when named with --suites: quant (quantized CPU inference,
+# fastlstm/bench/quant.py).
+OPT_IN_SUITES = ("quant",)
 
 # This machine's (CPU) figures, as the performance goals state them.
 CPU_TRAIN = (
@@ -124,6 +127,9 @@ QUICK_DECODE = (DecodeShape(65, 16, 32, 1),)
 
 def default_shapes(suite: str, device: str, quick: bool = False) -> tuple:
     """The shapes a suite measures by default on a device type ("cpu" or "cuda")."""
+    if suite == "quant":
+        from . import quant
+        return quant.QUICK_SHAPES if quick else quant.CPU_SHAPES
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {', '.join(SUITES)}; got {suite!r}")
     if quick:
@@ -144,6 +150,9 @@ _SHAPE_FIELDS = {"train": (LSTMShape, "BxTxIxHxL or BxTxIxH"),
 
 def parse_shape(suite: str, text: str):
     """Parse one shape of `suite` written as numbers joined by 'x' (e.g. train '16x1024x768x768x1')."""
+    if suite == "quant":
+        from . import quant
+        return quant.parse(text)
     if suite not in _SHAPE_FIELDS:
         raise ValueError(f"suite must be one of {', '.join(SUITES)}; got {suite!r}")
     kind, form = _SHAPE_FIELDS[suite]
@@ -167,9 +176,9 @@ def parse_shapes_option(values: list[str]) -> dict[str, tuple]:
     for value in values:
         suite, sep, rest = value.partition("=")
         suite = suite.strip()
-        if not sep or suite not in SUITES or not rest.strip():
+        if not sep or suite not in SUITES + OPT_IN_SUITES or not rest.strip():
             raise ValueError(f"--shapes expects SUITE=SHAPE[,SHAPE...] with SUITE one of "
-                             f"{', '.join(SUITES)}; got {value!r}")
+                             f"{', '.join(SUITES + OPT_IN_SUITES)}; got {value!r}")
         for text in rest.split(","):
             text = text.strip()
             if text in ("gpu-grid", "gpu-headline"):

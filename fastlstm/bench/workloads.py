@@ -262,4 +262,11 @@ def decode(shape: DecodeShape, device, dtype: torch.dtype, backend: str,
         calls_per_unit=new_tokens)
 
 
-BUILDERS = {"train": train, "forward": forward, "sample": sample, "decode": decode}
+def quant(shape, device, dtype: torch.dtype, backend: str,
+          baseline_dtype: torch.dtype | None = None, new_tokens: int = 64) -> Workload:
+    """The quant suite (fastlstm/bench/quant.py): int8 / bf16 models from fastlstm.quantize."""
+    from . import quant as quant_suite
+    return quant_suite.build(shape, device, dtype, backend, baseline_dtype, new_tokens)
+
+
+BUILDERS = {"train": train, "forward": forward, "sample": sample, "decode": decode, "quant": quant}

@@ -115,6 +115,13 @@ class _StepWeights:
         return F.linear(x, self.head_weight, self.head_bias)
 
 
+def _step_weights(model):
+    """_StepWeights, or for a model quantized by fastlstm.quantize its packed weights and their
+    C++ decode op (torch.ops.fastlstm.quant_decode_cpu)."""
+    from ..quant import quantized_step_weights
+    return quantized_step_weights(model) or _StepWeights(model)
+
+
 # ------------------------------------------------------------------------------------------------
 # Decoder
 # ------------------------------------------------------------------------------------------------
@@ -156,7 +163,7 @@ class Decoder:
         self.top_k = int(top_k)
         self.top_p = float(top_p)
         self.generator = generator
-        self.weights = _StepWeights(model)
+        self.weights = _step_weights(model)
         self.device = self.weights.head_weight.device
         self.batch = prompt_ids.shape[0]
         self.mode = self._choose_mode(mode)
@@ -188,14 +195,16 @@ class Decoder:
         self._graph = None
 
     def _choose_mode(self, mode):
+        quantized = getattr(self.weights, "quantized", False)
+        has_op = self.weights.cpu_op_available() if quantized else _cpu_op() is not None
         if mode != "auto":
-            if mode == "cpu_op" and (_cpu_op() is None or self.device.type != "cpu"):
+            if mode == "cpu_op" and (not has_op or self.device.type != "cpu"):
                 raise RuntimeError("mode='cpu_op' needs a CPU model and fastlstm._C built with "
                                    "decode_cpu")
             if mode == "cuda_graph" and self.device.type != "cuda":
                 raise RuntimeError("mode='cuda_graph' needs a CUDA model")
             return mode
-        if self.device.type == "cpu" and self.weights.dtype == torch.float32 and _cpu_op():
+        if self.device.type == "cpu" and self.weights.dtype == torch.float32 and has_op:
             return "cpu_op"
         if self.device.type == "cuda":
             return "cuda_graph"
@@ -257,6 +266,13 @@ class Decoder:
 
     def _run_cpu_op(self, out, start):
         w = self.weights
+        if getattr(w, "quantized", False):
+            tokens = w.decode(self.token, self.h, self.c, self.temperature, self.top_k,
+                              self.top_p, getattr(self, "min_p", 0.0), self.generator,
+                              out.shape[1] - start)
+            out[:, start:] = tokens
+            self.token = tokens[:, -1].contiguous()
+            return
         tokens = _cpu_op()(self.token, self.h, self.c, w.embedding, w.w_ih, w.w_hh, w.bias,
                            w.head_weight, w.head_bias, self.temperature, self.top_k, self.top_p,
                            self.generator, out.shape[1] - start)
