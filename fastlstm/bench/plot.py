@@ -98,8 +98,8 @@ def _sample_plot(plt, panels, path):
         by_batch: dict = {}
         for record in group:  # one line per batch and filter (top-k / top-p rows apart)
             shape = record["shape"]
-            key = (shape["batch"], shape.get("top_k", 0), shape.get("top_p", 1.0))
-            by_batch.setdefault(key, []).append(record)
+            line = (shape["batch"], shape.get("top_k", 0), shape.get("top_p", 1.0))
+            by_batch.setdefault(line, []).append(record)
         for (batch, top_k, top_p), batch_records in sorted(by_batch.items()):
             if top_k:
                 batch = f"{batch} top-k={top_k}"
