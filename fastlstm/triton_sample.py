@@ -550,7 +550,7 @@ def _sample(logits, temperature, top_k, top_p, min_p, generator, forced_splits):
     filtered = use_top_k or use_top_p or min_p > 0.0
     # The search compares [rows, PIVOTS, tokens] tiles: fewer rows and tokens per tile than the
     # draw takes (registers on a GPU; the interpreter's 2^20 elements a tensor).
-    budget = 4096 if logits.device.type == "cuda" else 1 << 18
+    budget = 4096 if logits.device.type == "cuda" else 1 << 20
     filter_rows = min(rows_per_program, max(1, budget // (PIVOTS * 16)))
     filter_blocks = -(-rows // filter_rows)
     pass_block = max(16, min(tile, budget // (PIVOTS * filter_rows)))
