@@ -45,14 +45,28 @@ class LSTMShape:
 
 @dataclasses.dataclass(frozen=True)
 class SampleShape:
-    """A sampling problem: logits [B, V]."""
+    """A sampling problem: logits [B, V], optionally filtered by top-k / top-p."""
 
     batch: int
     vocab: int
+    top_k: int = 0
+    top_p: float = 1.0
+
+    # --shapes gives B and V only; the filtered rows are the default shapes'
+    PARSED_FIELDS = 2
+
+    @property
+    def filtered(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
 
     @property
     def label(self) -> str:
-        return f"B={self.batch} V={self.vocab}"
+        text = f"B={self.batch} V={self.vocab}"
+        if self.top_k:
+            text += f" top-k={self.top_k}"
+        if self.top_p < 1.0:
+            text += f" top-p={self.top_p:g}"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +107,12 @@ CPU_TRAIN = (
     LSTMShape(64, 64, 128, 128, 1),
     LSTMShape(8, 200, 64, 128, 2),
 )
+# Filtered rows (top-k 50, top-p 0.9) sit beside the plain ones of the same B and V.
+FILTER_TOP_K, FILTER_TOP_P = 50, 0.9
 CPU_SAMPLE = (SampleShape(1, 65), SampleShape(1, 33278), SampleShape(64, 33278),
-              SampleShape(8, 128256))
+              SampleShape(8, 128256),
+              SampleShape(1, 33278, FILTER_TOP_K, FILTER_TOP_P),
+              SampleShape(64, 33278, FILTER_TOP_K, FILTER_TOP_P))
 CPU_DECODE = (DecodeShape(65, 64, 256, 2), DecodeShape(10000, 256, 512, 2))
 
 # The GPU grid: training for every (B, T, H) below with I = H, one layer.
@@ -115,13 +133,16 @@ GPU_TRAIN_GRID = tuple(
     LSTMShape(batch, steps, hidden, hidden, 1)
     for hidden, steps, batch in itertools.product(GPU_GRID_HIDDEN, GPU_GRID_STEPS, GPU_GRID_BATCH))
 GPU_SAMPLE = (SampleShape(64, 128256), SampleShape(1, 128256), SampleShape(1, 65),
-              SampleShape(64, 33278), SampleShape(8, 262144))
+              SampleShape(64, 33278), SampleShape(8, 262144),
+              SampleShape(1, 128256, FILTER_TOP_K, FILTER_TOP_P),
+              SampleShape(64, 128256, FILTER_TOP_K, FILTER_TOP_P))
 GPU_DECODE = (DecodeShape(65, 64, 1024, 2), DecodeShape(65, 64, 256, 2),
               DecodeShape(10000, 256, 512, 2))
 
 # --quick: tiny problems that run in seconds even on the torch reference backend.
 QUICK_TRAIN = (LSTMShape(4, 16, 16, 32, 1), LSTMShape(2, 8, 8, 16, 2))
-QUICK_SAMPLE = (SampleShape(1, 65), SampleShape(4, 1000))
+QUICK_SAMPLE = (SampleShape(1, 65), SampleShape(4, 1000),
+                SampleShape(4, 1000, FILTER_TOP_K, FILTER_TOP_P))
 QUICK_DECODE = (DecodeShape(65, 16, 32, 1),)
 
 
@@ -162,7 +183,7 @@ def parse_shape(suite: str, text: str):
         raise ValueError(f"--shapes: {suite} shape {text!r} must be {form} (positive integers "
                          f"joined by 'x')") from None
     required = len([f for f in dataclasses.fields(kind) if f.default is dataclasses.MISSING])
-    total = len(dataclasses.fields(kind))
+    total = getattr(kind, "PARSED_FIELDS", len(dataclasses.fields(kind)))
     if not required <= len(numbers) <= total or min(numbers) <= 0:
         raise ValueError(f"--shapes: {suite} shape {text!r} must be {form} (positive integers "
                          f"joined by 'x')")
