@@ -22,8 +22,8 @@
 //                        Tensor bias, bool reverse) -> (Tensor, Tensor, Tensor)
 //     x [T, B, I], h0, c0 [B, H] float32 -> (out [T, B, H], h_n [B, H], c_n [B, H]); one layer
 //     and direction (reverse: t = T-1 .. 0)
-//   quant_decode_cpu(...): decode_cpu's step (csrc/decode_cpu.cpp) over packed weights, with
-//     min_p; see quant_decode_cpu below.
+//   quant_decode_cpu(...): decode_cpu's step (csrc/decode_cpu.cpp) over packed weights; see
+//     quant_decode_cpu below.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -353,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_lstm_layer_cpu(
 }
 
 // The quantized decode step: csrc/decode_cpu.cpp's op, whose comments describe the parallel
-// region, with the products over packed weights and a min_p filter.
+// region, with the products over packed weights.
 //
 //   quant_decode_cpu(Tensor token, Tensor(a!) h, Tensor(b!) c, Tensor embedding,
 //                    Tensor[] w_ih, Tensor[] w_ih_scale, Tensor[] w_ih_sums,
@@ -366,10 +366,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_lstm_layer_cpu(
 //   scales and sums; bias[l] [4 * H_pad]; head_weight packed [V_pad, H] with head_scale,
 //   head_sums; head_bias [>= V] or None. Sampling as decode_cpu: temperature >= 0 (0 = greedy),
 //   top_k (0 = off), top_p in (0, 1]; one 64-bit seed per step from `generator`, drawn as
-//   fastlstm.sample draws it. min_p in [0, 1] (0 = off): tokens whose probability is below
-//   min_p times the largest are dropped before top-k / top-p, as a threshold on the scaled logit,
-//   z / T >= z_max / T + log(min_p) (fastlstm::sample_cpu takes no min_p, so the op masks the
-//   logits with -inf itself). Returns the tokens, int64 [B, num_steps].
+//   fastlstm.sample draws it, min_p in [0, 1] (0 = off) included: fastlstm.sample's order,
+//   top-k, then top-p, then min-p. Returns the tokens, int64 [B, num_steps].
 at::Tensor quant_decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
                             const at::Tensor& embedding, at::TensorList w_ih,
                             at::TensorList w_ih_scale, at::TensorList w_ih_sums,
@@ -492,9 +490,6 @@ at::Tensor quant_decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& 
   const int64_t head_panels = (vocab + kPanel - 1) / kPanel;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(
       {at::get_num_threads(), blocks, step_work * batch / kMinWorkPerPart}));
-  const float log_min_p = min_p > 0.0 ? std::log(static_cast<float>(min_p))
-                                       : -std::numeric_limits<float>::infinity();
-  const bool filter = min_p > 0.0 && temperature > 0.0;
 
   cpu::PartBarrier barrier(parts);
   std::vector<std::exception_ptr> failures(parts);
@@ -552,22 +547,9 @@ at::Tensor quant_decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& 
       if (row_end > row_begin) {
         try {
           const int64_t rows = row_end - row_begin;
-          if (filter) {
-            for (int64_t b = row_begin; b < row_end; ++b) {
-              float* row = logits_data + b * vocab;
-              const float top = *std::max_element(row, row + vocab);
-              // NaN or +inf logits are left for the sampler to report
-              if (!std::isfinite(top)) continue;
-              const float inverse = static_cast<float>(1.0 / temperature);
-              const float threshold = top * inverse + log_min_p;
-              for (int64_t v = 0; v < vocab; ++v) {
-                if (row[v] * inverse < threshold) row[v] = -std::numeric_limits<float>::infinity();
-              }
-            }
-          }
           const at::Tensor drawn =
               sample_cpu(logits.narrow(0, row_begin, rows), temperatures.narrow(0, row_begin, rows),
-                         top_k, top_p, static_cast<int64_t>(seed), 0, row_begin);
+                         top_k, top_p, static_cast<int64_t>(seed), 0, row_begin, min_p);
           const int64_t* drawn_data = drawn.data_ptr<int64_t>();
           for (int64_t b = row_begin; b < row_end; ++b) {
             const int64_t token_b = drawn_data[b - row_begin];
