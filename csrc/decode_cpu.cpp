@@ -12,11 +12,12 @@
 //   decode_cpu(Tensor token, Tensor(a!) h, Tensor(b!) c, Tensor embedding, Tensor[] w_ih,
 //              Tensor[] w_hh, Tensor[] bias, Tensor head_weight, Tensor? head_bias,
 //              float temperature, int top_k, float top_p, Generator? generator,
-//              int num_steps) -> Tensor
+//              int num_steps, float min_p=0.0) -> Tensor
 //   token [B] int64: the last token; h, c [L, B, H] float32, updated in place to the state after
 //   the last step (after an error in a draw, the state after that draw's step); embedding
 //   [V, E]; w_ih[l] [4H, E or H]; w_hh[l] [4H, H]; bias[l] [4H] (b_ih + b_hh); head_weight
-//   [V, H]; head_bias [V] or None; temperature >= 0 (0 = greedy).
+//   [V, H]; head_bias [V] or None; temperature >= 0 (0 = greedy); min_p in [0, 1] (0 = off;
+//   last and defaulted, so that callers written before it still match).
 //   Every step draws with fastlstm::sample_cpu after taking one 64-bit seed from `generator`
 //   (the default CPU generator when None), exactly as the fastlstm::sample op does per call, so
 //   num_steps steps here give the tokens of num_steps Python steps with fastlstm.sample.
@@ -163,7 +164,7 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
                       at::TensorList bias, const at::Tensor& head_weight,
                       const std::optional<at::Tensor>& head_bias, double temperature,
                       int64_t top_k, double top_p, std::optional<at::Generator> generator,
-                      int64_t num_steps) {
+                      int64_t num_steps, double min_p) {
   const int64_t layers = static_cast<int64_t>(w_ih.size());
   TORCH_CHECK(layers >= 1, "decode_cpu: w_ih must hold one tensor per layer; got none");
   TORCH_CHECK(static_cast<int64_t>(w_hh.size()) == layers &&
@@ -209,6 +210,8 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
   TORCH_CHECK_VALUE(top_k >= 0, "decode_cpu: top_k must be >= 0 (0 = off); got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "decode_cpu: top_p must be in (0, 1]; got ",
                     top_p);
+  TORCH_CHECK_VALUE(min_p >= 0.0 && min_p <= 1.0, "decode_cpu: min_p must be in [0, 1]; got ",
+                    min_p);
 
   at::Tensor tokens = at::empty({batch, num_steps}, token.options());
   if (num_steps == 0 || batch == 0) return tokens;
@@ -291,7 +294,7 @@ at::Tensor decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& c,
           const int64_t rows = row_end - row_begin;
           const at::Tensor drawn =
               sample_cpu(logits.narrow(0, row_begin, rows), temperatures.narrow(0, row_begin, rows),
-                         top_k, top_p, static_cast<int64_t>(seed), 0, row_begin);
+                         top_k, top_p, static_cast<int64_t>(seed), 0, row_begin, min_p);
           const int64_t* drawn_data = drawn.data_ptr<int64_t>();
           for (int64_t b = row_begin; b < row_end; ++b) {
             const int64_t token_b = drawn_data[b - row_begin];
@@ -326,7 +329,7 @@ TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def(
       "decode_cpu(Tensor token, Tensor(a!) h, Tensor(b!) c, Tensor embedding, Tensor[] w_ih, "
       "Tensor[] w_hh, Tensor[] bias, Tensor head_weight, Tensor? head_bias, float temperature, "
-      "int top_k, float top_p, Generator? generator, int num_steps) -> Tensor");
+      "int top_k, float top_p, Generator? generator, int num_steps, float min_p=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {

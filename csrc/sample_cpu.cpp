@@ -1,5 +1,6 @@
 // Fused sampling on the CPU: the same distribution as softmax(z / T) (after top-k / top-p) by the
-// cheapest exact route, the inverse CDF. The common case (no top-k / top-p) runs in two stages.
+// cheapest exact route, the inverse CDF. The common case (no top-k / top-p / min-p) runs in two
+// stages.
 // First, every block of kBlock tokens of every row gets its max and its sum of exp relative to
 // that max (the block is read from memory once and stays in L1 for the second look). Second,
 // per row, one uniform number picks a block from the block masses, then a chunk, then a token.
@@ -489,10 +490,13 @@ float top_p_threshold(float* values, int64_t n, double need) {
   return 0.f;  // rounding left mass unclaimed: keep every token
 }
 
-// top-k and/or top-p: the row is copied once, thresholds found by selection (no sort).
+// top-k, top-p and/or min-p, in that order: the row is copied once, thresholds found by
+// selection (no sort). min-p keeps p >= min_p * p_max, that is x / T >= max / T + log(min_p):
+// a cut on the logit, known once the max is, applied with the top-k cut (or, after top-p, in
+// top-p's own pass, so that top-p measures the mass of the top-k set alone).
 template <typename scalar_t>
 RowResult filtered_row(const scalar_t* row, int64_t vocab, float inv_temperature, int64_t top_k,
-                       double top_p, double uniform, std::vector<float>& values,
+                       double top_p, double min_p, double uniform, std::vector<float>& values,
                        std::vector<float>& work) {
   values.resize(vocab);
   work.resize(vocab);
@@ -508,6 +512,10 @@ RowResult filtered_row(const scalar_t* row, int64_t vocab, float inv_temperature
     std::nth_element(work.begin(), work.begin() + (top_k - 1), work.end(), std::greater<float>());
     logit_threshold = work[top_k - 1];
   }
+  const float min_p_cut =
+      min_p > 0.0 ? row_max + std::log(static_cast<float>(min_p)) / inv_temperature
+                  : -std::numeric_limits<float>::infinity();
+  if (top_p >= 1.0) logit_threshold = std::max(logit_threshold, min_p_cut);
   double total = 0.0;
   int64_t kept = 0;
   for (int64_t i = 0; i < vocab; ++i) {
@@ -520,8 +528,12 @@ RowResult filtered_row(const scalar_t* row, int64_t vocab, float inv_temperature
   if (top_p < 1.0) {
     const float weight_threshold = top_p_threshold(work.data(), kept, top_p * total);
     total = 0.0;
+    const bool use_min_p = min_p > 0.0;
     for (int64_t i = 0; i < vocab; ++i) {
-      if (values[i] < weight_threshold) values[i] = 0.f;
+      if (values[i] < weight_threshold ||
+          (use_min_p && static_cast<float>(row[i]) < min_p_cut)) {
+        values[i] = 0.f;
+      }
       total += values[i];
     }
   }
@@ -627,12 +639,12 @@ float* stats_workspace(int64_t floats) {
 // do not depend on the thread count.
 template <typename scalar_t>
 void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_t top_k,
-                 double top_p, uint64_t seed, uint64_t offset, uint64_t first_row,
+                 double top_p, double min_p, uint64_t seed, uint64_t offset, uint64_t first_row,
                  int64_t* tokens) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const scalar_t* data = logits.data_ptr<scalar_t>();
   const float* temperatures = temperature.data_ptr<float>();
-  const bool filtered = (top_k > 0 && top_k < vocab) || top_p < 1.0;
+  const bool filtered = (top_k > 0 && top_k < vocab) || top_p < 1.0 || min_p > 0.0;
   const int64_t blocks = (vocab + kBlock - 1) / kBlock;
   float* maxima = nullptr;
   float* sums = nullptr;
@@ -653,7 +665,7 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_
       } else {
         const double u = row_uniform(seed, offset, first_row + static_cast<uint64_t>(r));
         result = filtered
-                     ? filtered_row(row, vocab, 1.f / t, top_k, top_p, u, values, work)
+                     ? filtered_row(row, vocab, 1.f / t, top_k, top_p, min_p, u, values, work)
                      : plain_row_pick(row, vocab, 1.f / t, u, maxima + r * blocks, sums + r * blocks);
       }
       tokens[r] = result.error == sampling::kRowOk ? result.token : -result.error;
@@ -681,8 +693,9 @@ void sample_rows(const at::Tensor& logits, const at::Tensor& temperature, int64_
 }  // namespace
 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, int64_t top_k,
-                      double top_p, int64_t seed, int64_t offset, int64_t first_row) {
-  sampling::check_arguments(logits, temperature, top_k, top_p);
+                      double top_p, int64_t seed, int64_t offset, int64_t first_row,
+                      double min_p) {
+  sampling::check_arguments(logits, temperature, top_k, top_p, min_p);
   TORCH_CHECK_VALUE(logits.device().is_cpu(), "fastlstm.sample_cpu: logits must be on the CPU; got ",
                     logits.device());
   const int64_t rows = logits.size(0);
@@ -694,13 +707,16 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, i
   const uint64_t ufirst = static_cast<uint64_t>(first_row);
   switch (logits.scalar_type()) {
     case at::kFloat:
-      sample_rows<float>(logits, temperature, top_k, top_p, useed, uoffset, ufirst, out);
+      sample_rows<float>(logits, temperature, top_k, top_p, min_p, useed, uoffset, ufirst,
+                                 out);
       break;
     case at::kHalf:
-      sample_rows<at::Half>(logits, temperature, top_k, top_p, useed, uoffset, ufirst, out);
+      sample_rows<at::Half>(logits, temperature, top_k, top_p, min_p, useed, uoffset, ufirst,
+                                 out);
       break;
     default:
-      sample_rows<at::BFloat16>(logits, temperature, top_k, top_p, useed, uoffset, ufirst, out);
+      sample_rows<at::BFloat16>(logits, temperature, top_k, top_p, min_p, useed, uoffset, ufirst,
+                                 out);
       break;
   }
   for (int64_t bad = 0; bad < rows; ++bad) {
@@ -722,7 +738,7 @@ namespace {
 // states give equal tokens and every call advances the generator.
 at::Tensor sample_op_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
                          double scalar_temperature, int64_t top_k, double top_p,
-                         std::optional<at::Generator> generator) {
+                         std::optional<at::Generator> generator, double min_p) {
   const sampling::Rows rows = sampling::prepare_rows(logits, temperature, scalar_temperature);
   uint64_t seed;
   {
@@ -732,7 +748,7 @@ at::Tensor sample_op_cpu(const at::Tensor& logits, const std::optional<at::Tenso
     seed = cpu_generator->random64();
   }
   at::Tensor tokens = sample_cpu(rows.logits, rows.temperature, top_k, top_p,
-                                 static_cast<int64_t>(seed), 0);
+                                 static_cast<int64_t>(seed), 0, 0, min_p);
   return tokens.view(logits.sizes().slice(0, logits.dim() - 1));
 }
 

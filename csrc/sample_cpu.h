@@ -18,18 +18,19 @@ namespace fastlstm {
 // logits [rows, V] float/half/bfloat16, contiguous; temperature [rows] float32 (0 = greedy);
 // top_k 0 = off; top_p 1.0 = off; (seed, offset) select the random stream. The rows are rows
 // first_row, first_row + 1, ... of a larger batch: row r draws the numbers of row first_row + r,
-// so a batch sampled in slices gives the tokens of one call over all of it.
+// so a batch sampled in slices gives the tokens of one call over all of it. min_p 0.0 = off
+// (keep p >= min_p * max p, applied after top-k and top-p).
 // Returns int64 [rows]. Checks its arguments and throws c10::Error on bad input.
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature,
                       int64_t top_k, double top_p, int64_t seed, int64_t offset,
-                      int64_t first_row = 0);
+                      int64_t first_row = 0, double min_p = 0.0);
 
 namespace sampling {
 
 // Argument checks shared by the CPU and CUDA entry points (host side, no device reads):
-// dtype, shape and contiguity of logits and temperature, the ranges of top_k and top_p.
+// dtype, shape and contiguity of logits and temperature, the ranges of top_k, top_p and min_p.
 void check_arguments(const at::Tensor& logits, const at::Tensor& temperature, int64_t top_k,
-                     double top_p);
+                     double top_p, double min_p = 0.0);
 
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
 // a counter-based generator, so every (seed, offset, row, token) has its own numbers and the

@@ -1,10 +1,12 @@
 // The sampling op's schema, declared once; kernels register per device in sample_cpu.cpp (CPU)
 // and sample_cuda.cu (CUDA), and fastlstm/sampling.py registers the fake kernel for tracing.
 //
-// sample(logits [..., V], temperature [...] or None, scalar_temperature, top_k, top_p, generator)
-//   -> int64 [...]. A None temperature means scalar_temperature for every row (no tensor to build
-//   on the Python side, which keeps a small call cheap). The generator is the logits' device's
-//   default when None; the kernel draws its seed/offset from it and advances it.
+// sample(logits [..., V], temperature [...] or None, scalar_temperature, top_k, top_p, generator,
+//   min_p=0.0) -> int64 [...]. A None temperature means scalar_temperature for every row (no
+//   tensor to build on the Python side, which keeps a small call cheap). The generator is the
+//   logits' device's default when None; the kernel draws its seed/offset from it and advances it.
+//   min_p (last, with a default, so that callers written before it still match) keeps the tokens
+//   with p >= min_p * max p, after top-k and top-p.
 #include "sample_cpu.h"
 
 #include <torch/library.h>
@@ -15,7 +17,7 @@
 TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def(
       "sample(Tensor logits, Tensor? temperature, float scalar_temperature, int top_k, "
-      "float top_p, Generator? generator) -> Tensor");
+      "float top_p, Generator? generator, float min_p=0.0) -> Tensor");
 }
 
 namespace fastlstm {
@@ -32,7 +34,7 @@ const char* row_error_message(int32_t code) {
 }
 
 void check_arguments(const at::Tensor& logits, const at::Tensor& temperature, int64_t top_k,
-                     double top_p) {
+                     double top_p, double min_p) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "fastlstm.sample: logits: expected (rows, vocab); got ",
                     logits.sizes());
   TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
@@ -54,6 +56,8 @@ void check_arguments(const at::Tensor& logits, const at::Tensor& temperature, in
   TORCH_CHECK_VALUE(top_k >= 0, "fastlstm.sample: top_k must be >= 0 (0 = off); got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0,
                     "fastlstm.sample: top_p must be in (0, 1] (1 = off); got ", top_p);
+  TORCH_CHECK_VALUE(min_p >= 0.0 && min_p <= 1.0,
+                    "fastlstm.sample: min_p must be in [0, 1] (0 = off); got ", min_p);
 }
 
 Rows prepare_rows(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,

@@ -2,10 +2,12 @@
 from ._backends import available_backends
 from .modules import LSTM, LSTMCell, convert
 from .sampling import Sampler, sample
+from .quant import quantize
 from . import _dynamo_support
 
 _dynamo_support.install()
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "LSTMCell", "convert", "available_backends", "sample", "Sampler", "__version__"]
+__all__ = ["LSTM", "LSTMCell", "convert", "available_backends", "sample", "Sampler", "quantize",
+           "__version__"]

@@ -106,6 +106,9 @@ def _generate_parser(subparsers):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as likely as the most likely one, "
+                        "after top-k and top-p (0.0: off)")
     p.add_argument("--greedy", action="store_true", help="always the most likely token")
     p.add_argument("--seed", type=int, default=None, help="fixes the draws (default: random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -213,7 +216,7 @@ def _run_generate(args) -> int:
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
     temperature = 0.0 if args.greedy else args.temperature
     decoder = Decoder(model, torch.tensor([prompt_ids], device=device), temperature,
-                      args.top_k, args.top_p, generator)
+                      args.top_k, args.top_p, generator, min_p=args.min_p)
     stream = _TextStream(tokenizer)
     stream.prime(prompt_ids)
     out = sys.stdout

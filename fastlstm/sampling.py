@@ -1,19 +1,29 @@
-"""Fused sampling: temperature, top-k / top-p and the draw in one kernel per backend.
+"""Fused sampling: temperature, top-k / top-p / min-p and the draw in one kernel per backend.
 
-    sample(logits, temperature=1.0, *, top_k=0, top_p=1.0, generator=None, backend="auto")
+    sample(logits, temperature=1.0, *, top_k=0, top_p=1.0, min_p=0.0, generator=None,
+           backend="auto")
 
-draws one token per row from softmax(logits / T), after top-k (keep the k most likely; tokens
-tied with the k-th are kept too) and top-p (keep the smallest set of most likely tokens whose mass
-reaches top_p, ties with the last one kept), renormalized. A row with T == 0 is greedy: argmax,
-the first index on ties, like torch.argmax.
+draws one token per row from softmax(logits / T), after three filters applied in this order:
+top-k (keep the k most likely; tokens tied with the k-th are kept too), then top-p (keep the
+smallest set of most likely tokens whose mass, among those top-k kept, reaches top_p; ties with
+the last one kept), then min-p (keep the tokens whose probability is at least min_p times the
+largest one), renormalized. The most likely token always survives all three, and so min-p, which
+is relative to it, gives the same set whether it is measured before or after renormalizing: the
+kept set is the intersection of the min-p set with the top-k / top-p set. (Applying min-p before
+top-p would change the mass top-p measures; it is applied last, as in Hugging Face's
+generation.) min-p is a cut on the scaled logit, z / T >= max(z) / T + log(min_p), so the kernels
+need no extra pass for it. A row with T == 0 is greedy: argmax, the first index on ties, like
+torch.argmax (the filters cannot remove the argmax, so they do not change it).
 
 Backends
   torch   the readable reference: softmax in float64, masks, torch.multinomial
   cpu     C++ in fastlstm._C: inverse CDF in one blocked pass over each row, blocks in parallel,
           AVX-512 or AVX2 picked at run time (csrc/sample_cpu.cpp; the environment variable
           FASTLSTM_SAMPLE_KERNELS=avx2 or =portable forces a lower build, for testing)
-  cuda    CUDA C++ in fastlstm._C: Gumbel-max with Philox noise (csrc/sample_cuda.cu)
-  triton  the same Gumbel-max in Triton (fastlstm/triton_sample.py)
+  cuda    CUDA C++ in fastlstm._C: Gumbel-max with Philox noise (csrc/sample_cuda.cu); top-k /
+          top-p thresholds by a search over the logits' order-preserving keys, a long row split
+          over several blocks when rows are few
+  triton  the same Gumbel-max and searches in Triton (fastlstm/triton_sample.py)
 
 Random state. Every call takes fresh random bits from `generator` (the default generator of the
 logits' device when None) and advances it, so equal generator states give equal tokens and
@@ -26,7 +36,8 @@ triton backend draws its seed into a device tensor with `torch.randint`, which i
 same way.
 
 Errors. Bad arguments (integer logits, negative or non-finite temperature, top_k < 0, top_p
-outside (0, 1], a temperature tensor of the wrong shape) raise ValueError before any kernel runs.
+outside (0, 1], min_p outside [0, 1] or not a number, a temperature tensor of the wrong shape)
+raise ValueError before any kernel runs.
 Bad rows (NaN, +inf, all -inf, a negative temperature inside a tensor) raise ValueError on the
 CPU before returning. On CUDA the kernels check every row but the host does not wait for them
 (that would cost a synchronization per token): a bad row's token is -1, which is never a valid id,
@@ -68,6 +79,18 @@ def _resolve(backend: str, device: torch.device) -> str:
                                f"sample op; rebuild the extension")
         _resolved[key] = name
     return name
+
+
+def _check_min_p(min_p, where="fastlstm.sample"):
+    """min_p as a float in [0, 1]; ValueError naming min_p otherwise."""
+    if (isinstance(min_p, bool) or not isinstance(min_p, (numbers.Real, torch.Tensor))
+            or (isinstance(min_p, torch.Tensor) and (min_p.numel() != 1
+                                                     or not min_p.is_floating_point()))):
+        raise ValueError(f"{where}: min_p must be a float in [0, 1] (0 = off); got {min_p!r}")
+    value = float(min_p)
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise ValueError(f"{where}: min_p must be in [0, 1] (0 = off); got {min_p!r}")
+    return value
 
 
 def _check_scalars(logits, temperature, top_k, top_p, generator=None):
@@ -117,7 +140,7 @@ def _check_scalars(logits, temperature, top_k, top_p, generator=None):
 
 
 def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, backend: str = "auto",
+           min_p: float = 0.0, generator: torch.Generator | None = None, backend: str = "auto",
            check: bool = False) -> torch.Tensor:
     """Draw one token per row of `logits`.
 
@@ -127,6 +150,8 @@ def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: floa
         top_k: keep the k most likely tokens (0 = off).
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (1.0 = off); applied after top_k.
+        min_p: keep the tokens whose probability is >= min_p times the largest (0.0 = off);
+            applied after top_k and top_p.
         generator: a torch.Generator on the logits' device; the default generator when None.
         backend: "auto", "torch", "cpu", "cuda" or "triton".
         check: on CUDA, synchronize and raise for bad rows (NaN, +inf, all -inf, negative
@@ -135,6 +160,7 @@ def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: floa
         int64 token ids of shape [...], on the logits' device.
     """
     _check_scalars(logits, temperature, top_k, top_p, generator)
+    min_p = _check_min_p(min_p)
     top_k = int(top_k)
     name = _resolve(backend, logits.device)
     if logits.dtype == torch.float64 and name != "torch":
@@ -143,19 +169,21 @@ def sample(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: floa
                              f"bfloat16 logits; got float64 (use backend='torch')")
         name = "torch"
     if name in _KERNEL_BACKENDS:
+        # min_p goes only when set: an extension built before it had no min_p argument.
+        extra = {"min_p": min_p} if min_p > 0.0 else {}
         if isinstance(temperature, torch.Tensor):
             tokens = torch.ops.fastlstm.sample(logits, temperature, 1.0, top_k, float(top_p),
-                                               generator)
+                                               generator, **extra)
         else:
             tokens = torch.ops.fastlstm.sample(logits, None, float(temperature), top_k,
-                                               float(top_p), generator)
+                                               float(top_p), generator, **extra)
     elif name == "triton":
         from .triton_sample import triton_sample
-        tokens = triton_sample(logits, temperature, top_k, float(top_p), generator)
+        tokens = triton_sample(logits, temperature, top_k, float(top_p), generator, min_p=min_p)
         if logits.device.type == "cpu":  # no device to wait for: raise now, as the cpu backend
             check_tokens(tokens, logits, temperature)
     else:
-        tokens = sample_reference(logits, temperature, top_k=top_k, top_p=top_p,
+        tokens = sample_reference(logits, temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   generator=generator)
     if check and logits.device.type != "cpu":
         check_tokens(tokens, logits, temperature)
@@ -176,8 +204,10 @@ def check_tokens(tokens: torch.Tensor, logits: torch.Tensor | None = None,
     if logits is not None:
         values = logits.reshape(-1, logits.shape[-1])[row].float()
         row_temperature = (float(temperature.reshape(-1)[row])
-                           if isinstance(temperature, torch.Tensor) else float(temperature))
-        if not (row_temperature >= 0.0 and math.isfinite(row_temperature)):
+                           if isinstance(temperature, torch.Tensor)
+                           else None if temperature is None else float(temperature))
+        if row_temperature is not None and not (row_temperature >= 0.0
+                                                and math.isfinite(row_temperature)):
             raise ValueError(f"fastlstm.sample: temperature must be finite and >= 0; row {row} "
                              f"has {row_temperature}")
         reason = _row_reason(values)
@@ -193,9 +223,10 @@ def _row_reason(values: torch.Tensor) -> str:
 
 
 def sample_reference(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, top_p: float = 1.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """The torch backend: the distribution written out with torch ops, in float64."""
     _check_scalars(logits, temperature, top_k, top_p, generator)
+    min_p = _check_min_p(min_p)
     top_k = int(top_k)
     batch_shape = logits.shape[:-1]
     vocab = logits.shape[-1]
@@ -231,12 +262,16 @@ def sample_reference(logits: torch.Tensor, temperature=1.0, *, top_k: int = 0, t
         smallest_kept = torch.where(keep_sorted, sorted_probs,
                                     torch.full_like(sorted_probs, math.inf)).min(-1, keepdim=True)
         probs = torch.where(probs >= smallest_kept.values, probs, torch.zeros_like(probs))
+    if min_p > 0.0:
+        # p >= min_p * max p, on the probabilities before renormalizing: the same ratio after.
+        largest = probs.max(-1, keepdim=True).values
+        probs = torch.where(probs >= min_p * largest, probs, torch.zeros_like(probs))
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     tokens = torch.where(greedy, z.argmax(-1), tokens)
     return tokens.reshape(batch_shape)
 
 
-def _sample_fake(logits, temperature, scalar_temperature, top_k, top_p, generator):
+def _sample_fake(logits, temperature, scalar_temperature, top_k, top_p, generator, min_p=0.0):
     return logits.new_empty(logits.shape[:-1], dtype=torch.long)
 
 
@@ -257,22 +292,26 @@ class Sampler(nn.Module):
         temperature: float >= 0 (0 = greedy).
         top_k: keep the k most likely tokens (0 = off).
         top_p: nucleus mass in (0, 1] (1.0 = off).
+        min_p: keep p >= min_p * max p, in [0, 1] (0.0 = off); after top_k and top_p.
         backend: as in `fastlstm.sample`.
     """
 
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
-                 backend: str = "auto"):
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, *, backend: str = "auto"):
         super().__init__()
         _check_scalars(torch.empty(1), temperature, top_k, top_p)
+        _check_min_p(min_p, "fastlstm.Sampler")
         _backends.check_backend_name(backend)
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
+        self.min_p = min_p
         self.backend = backend
 
     def forward(self, logits: torch.Tensor, generator: torch.Generator | None = None):
         return sample(logits, self.temperature, top_k=self.top_k, top_p=self.top_p,
-                      generator=generator, backend=self.backend)
+                      min_p=self.min_p, generator=generator, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
+        return (f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, "
+                f"min_p={self.min_p}")

@@ -235,9 +235,13 @@ def test_quick_decode_suite(tmp_path, capsys):
 
 def _check_sample_records(made):
     assert len(made) == len(shapes.QUICK_SAMPLE)
+    assert any(record["shape"]["top_k"] for record in made), "no filtered (top-k/top-p) row"
     for record in made:
         assert record["status"] == "ok", record["reason"]
-        assert record["baseline"] == "softmax + multinomial"
+        filtered = record["shape"]["top_k"] > 0 or record["shape"]["top_p"] < 1.0
+        assert record["baseline"] == ("top-k/top-p sort + multinomial" if filtered
+                                      else "softmax + multinomial")
+        assert ("top-k=50 top-p=0.9" in record["shape_label"]) == filtered
         assert record["work"]["bytes"] == 4 * record["shape"]["batch"] * record["shape"]["vocab"]
         assert record["floor_s"] > 0 and "logits" in record["floor_basis"]
 
@@ -466,3 +470,15 @@ def test_gpu_check_script_parses_and_its_bench_options_are_valid():
         args = parser.parse_args(line.split())
         options = bench._options(args, line.split(), "fastlstm bench")
         assert options.suites and options.backends
+
+
+def test_filtered_sample_baseline_keeps_the_top_k_top_p_set():
+    """The filtered row's baseline (the usual sort / cumsum loop) draws from the set fastlstm's
+    torch reference keeps: top-k 5, then top-p 0.9 of those."""
+    from fastlstm.bench.workloads import top_k_top_p_multinomial
+    z = 2 * torch.randn(40, generator=torch.Generator().manual_seed(0))
+    logits = z.expand(4000, 40).contiguous()
+    torch.manual_seed(1)
+    baseline = set(top_k_top_p_multinomial(logits, 0.8, 5, 0.9).flatten().tolist())
+    reference = set(fastlstm.sample(logits, 0.8, top_k=5, top_p=0.9, backend="torch").tolist())
+    assert baseline == reference and 1 < len(baseline) <= 5

@@ -46,7 +46,14 @@ def test_cli_train_then_generate_char(tmp_path, capsys):
     assert capsys.readouterr().out == first  # same seed, same text
     assert cli.main(["generate", "--checkpoint", str(run / "checkpoint.pt"), "--greedy",
                      "-n", "10"]) == 0
-    assert len(capsys.readouterr().out) == 10 + 1
+    greedy = capsys.readouterr().out
+    assert len(greedy) == 10 + 1
+    # --min-p 1.0 keeps only the most likely token: the greedy text, at any temperature
+    assert cli.main(["generate", "--checkpoint", str(run), "-n", "10", "--min-p", "1.0",
+                     "--temperature", "1.5", "--seed", "4"]) == 0
+    assert capsys.readouterr().out == greedy
+    assert cli.main(["generate", "--checkpoint", str(run), "-n", "5", "--min-p", "1.5"]) == 2
+    assert "min_p" in capsys.readouterr().err
 
 
 def test_cli_word_level(tmp_path, capsys):

@@ -418,6 +418,50 @@ def test_generate_keeps_training_mode_and_checks_arguments():
         generate(model, prompt, 5, top_k=-2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompt, -1)
+    for min_p in (-0.1, 1.1, math.nan, "0.5", None):
+        with pytest.raises(ValueError, match="min_p"):
+            generate(model, prompt, 5, min_p=min_p)
+    decoder = Decoder(model, prompt)
+    decoder.min_p = 2.0
+    with pytest.raises(ValueError, match="min_p"):
+        decoder.next(3)
+
+
+@pytest.mark.parametrize("mode", _decode_modes())
+def test_generate_min_p(mode):
+    """min_p = 1 keeps only the most likely token: greedy at any temperature; another min_p
+    draws the same tokens in every decode mode (the CPU op passes it to its draws)."""
+    model = _model()
+    prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(2))
+    expected = _reference_greedy(model, prompt, 30)
+    got = Decoder(model, prompt, 1.7, min_p=1.0, generator=torch.Generator().manual_seed(1),
+                  mode=mode).next(30)
+    assert torch.equal(got, expected)
+    assert torch.equal(generate(model, prompt, 30, temperature=1.7, min_p=1.0), expected)
+    sampled = Decoder(model, prompt, 2.0, top_k=20, min_p=0.8,
+                      generator=torch.Generator().manual_seed(6), mode=mode).next(40)
+    python = Decoder(model, prompt, 2.0, top_k=20, min_p=0.8,
+                     generator=torch.Generator().manual_seed(6), mode="python").next(40)
+    assert torch.equal(sampled, python)
+    plain = Decoder(model, prompt, 2.0, top_k=20, generator=torch.Generator().manual_seed(6),
+                    mode=mode).next(40)
+    assert not torch.equal(sampled, plain), "min_p changed nothing"
+
+
+@pytest.mark.parametrize("mode", _decode_modes())
+def test_decoder_settings_change_between_calls(mode):
+    """Each next() draws with the settings it finds: temperature 0 after sampled tokens gives the
+    greedy continuation of the prompt and those tokens; back to sampling, tokens vary again."""
+    model = _model()
+    prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(3))
+    decoder = Decoder(model, prompt, 1.5, generator=torch.Generator().manual_seed(4), mode=mode)
+    sampled = decoder.next(6)
+    decoder.temperature = 0.0
+    greedy = decoder.next(20)
+    assert torch.equal(greedy, _reference_greedy(model, torch.cat([prompt, sampled], 1), 20))
+    decoder.temperature, decoder.min_p = 1.5, 1.0
+    assert torch.equal(decoder.next(10), _reference_greedy(
+        model, torch.cat([prompt, sampled, greedy], 1), 10))
 
 
 @pytest.mark.cuda
@@ -439,6 +483,32 @@ def test_cuda_graph_decode_matches_step_by_step():
     assert torch.equal(runs[0], runs[2]), "graph replays drew other numbers than eager steps"
     assert not torch.equal(runs[0], runs[3])
     assert len(set(runs[0][0, 200:].tolist())) > 3, "replays repeated the same draw"
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decoder_follows_setting_changes():
+    """The CUDA graph captures the draw with the settings of its time: changing temperature,
+    top_k, top_p or min_p between next() calls captures it again, and the change takes effect."""
+    reference = _model()  # the same weights, on the CPU
+    model = _model().cuda()
+    prompt = torch.randint(0, 40, (2, 5), device="cuda")
+    decoder = Decoder(model, prompt, 1.5, generator=torch.Generator("cuda").manual_seed(2),
+                      mode="cuda_graph")
+    sampled = decoder.next(8)
+    assert decoder.mode == "cuda_graph"
+    done = [prompt.cpu(), sampled.cpu()]
+    for setting, value in (("temperature", 0.0), ("temperature", 1.5), ("min_p", 1.0),
+                           ("top_k", 1), ("top_p", 1e-6)):
+        decoder.temperature, decoder.top_k, decoder.top_p, decoder.min_p = 1.5, 0, 1.0, 0.0
+        setattr(decoder, setting, value)
+        got = decoder.next(12).cpu()
+        expected = _reference_greedy(reference, torch.cat(done, 1), 12)
+        if (setting, value) == ("temperature", 1.5):
+            assert not torch.equal(got, expected), "sampling at T = 1.5 gave the greedy tokens"
+        else:
+            assert torch.equal(got, expected), f"{setting} = {value} was not applied"
+        done.append(got)
+    assert decoder.mode == "cuda_graph"
 
 
 def _decode_op_args(model, batch=2, steps=3, temperature=0.7):
@@ -472,3 +542,12 @@ def test_decode_cpu_op_opcheck_and_errors():
     bad_temperature[9] = -1.0
     with pytest.raises(ValueError, match="temperature"):
         op(*bad_temperature)
+    with pytest.raises(ValueError, match="min_p"):
+        op(*args, min_p=1.5)
+    # min_p = 1: only the most likely token, i.e. the greedy tokens, whatever the temperature
+    torch.manual_seed(0)  # the same token and state for both
+    greedy = list(_decode_op_args(model, temperature=0.0))
+    torch.manual_seed(0)
+    hot = list(_decode_op_args(model, temperature=2.0))
+    assert torch.equal(op(*hot, min_p=1.0), op(*greedy))
+    torch.library.opcheck(op, _decode_op_args(model, temperature=0.0), {"min_p": 0.3})

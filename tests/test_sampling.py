@@ -1,5 +1,6 @@
-"""fastlstm.sample: drawn frequencies against softmax(z / T) in float64 (chi-square), top-k/top-p
-support, masked tokens, greedy rows, generator reproducibility and every bad input, per backend."""
+"""fastlstm.sample: drawn frequencies against softmax(z / T) in float64 (chi-square), top-k/top-p/
+min-p support, ties, masked tokens, greedy rows, generator reproducibility and every bad input,
+per backend."""
 import math
 import os
 import subprocess
@@ -8,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 import fastlstm
 from fastlstm import sampling
@@ -24,6 +24,8 @@ CPU_BACKENDS = [name for name in ("torch", "cpu", "triton") if why_unavailable(n
 
 def chi_square_p_value(tokens, probs):
     """p-value of the drawn tokens against probs (float64); bins expected < 5 are pooled."""
+    # scipy is imported here, not at collection: without it only the chi-square tests skip.
+    stats = pytest.importorskip("scipy.stats", reason="chi-square tests need scipy")
     counts = torch.bincount(tokens.flatten().cpu(), minlength=probs.numel()).double()
     expected = probs.double().cpu() * tokens.numel()
     assert counts[expected == 0].sum() == 0, (
@@ -37,21 +39,21 @@ def chi_square_p_value(tokens, probs):
     return float(stats.chi2.sf(statistic, max(1, observed_bins.numel() - 1)))
 
 
-def reference_probs(z, temperature, top_k=0, top_p=1.0):
-    """softmax(z / T) in float64 with top-k (ties with the k-th kept) and top-p, renormalized."""
+def reference_probs(z, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """softmax(z / T) in float64 with top-k (ties with the k-th kept), then top-p (ties with the
+    last kept), then min-p (p >= min_p * max p), renormalized."""
     scaled = z.double() / temperature
     probs = torch.softmax(scaled, -1)
     if top_k:
         kth = torch.topk(scaled, top_k).values[-1]
         probs = torch.where(scaled >= kth, probs, 0.0)
     if top_p < 1.0:
-        order = torch.argsort(probs, descending=True)
-        sorted_probs = probs[order]
+        sorted_probs = torch.sort(probs, descending=True).values
         before = torch.cumsum(sorted_probs, 0) - sorted_probs
-        kept = order[before < top_p * probs.sum()]
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[kept] = True
-        probs = torch.where(mask, probs, 0.0)
+        smallest_kept = sorted_probs[before < top_p * probs.sum()].min()
+        probs = torch.where(probs >= smallest_kept, probs, 0.0)  # ties with the last kept too
+    if min_p > 0.0:
+        probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
     return probs / probs.sum()
 
 
@@ -103,6 +105,150 @@ def test_distribution_low_precision(backend, dtype):
                              generator=torch.Generator().manual_seed(3))
     p = chi_square_p_value(tokens, reference_probs(z.double(), 1.3))
     assert p > P_VALUE_FLOOR, f"{backend}, {dtype}: chi-square p = {p:.2e}"
+
+
+# --- min-p -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.1), (12, 1.0, 0.1), (0, 0.8, 0.1),
+                                                 (15, 0.9, 0.1)])
+def test_distribution_min_p(backend, top_k, top_p, min_p):
+    """min-p alone and after top-k / top-p: p >= min_p * max p of softmax(z / T). At T = 1.5
+    min-p keeps 11 tokens in each case, fewer than top-k / top-p alone (37, 12, 16, 12)."""
+    vocab = 40
+    z = make_logits(vocab, seed=17)
+    logits = z.float().expand(DRAWS, vocab).contiguous()
+    tokens = fastlstm.sample(logits, 1.5, top_k=top_k, top_p=top_p, min_p=min_p,
+                             backend=backend, generator=torch.Generator().manual_seed(12))
+    probs = reference_probs(z.float().double(), 1.5, top_k, top_p, min_p)
+    without = reference_probs(z.float().double(), 1.5, top_k, top_p)
+    assert 1 < int((probs > 0).sum()) < int((without > 0).sum()), "min-p should cut here"
+    p = chi_square_p_value(tokens, probs)
+    assert p > P_VALUE_FLOOR, f"{backend}, {top_k}, {top_p}, {min_p}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_min_p_comes_after_top_p(backend):
+    """The documented order: top-p measures the mass before min-p cuts. p = (.4, .3, .2, .1),
+    top_p = 0.75, min_p = 0.3: top-p keeps the first three, min-p (p >= 0.12) keeps them too;
+    min-p first would keep three, renormalize to (.44, .33, .22), and top-p would then keep two."""
+    z = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    logits = z.expand(DRAWS, 4).contiguous()
+    tokens = fastlstm.sample(logits, 1.0, top_p=0.75, min_p=0.3, backend=backend,
+                             generator=torch.Generator().manual_seed(13))
+    expected = torch.tensor([4.0, 3.0, 2.0, 0.0], dtype=torch.float64) / 9
+    assert torch.allclose(reference_probs(z.double(), 1.0, 0, 0.75, 0.3), expected)
+    p = chi_square_p_value(tokens, expected)
+    assert p > P_VALUE_FLOOR, f"{backend}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_min_p_one_keeps_only_the_most_likely(backend):
+    generator = torch.Generator().manual_seed(14)
+    logits = torch.randn(50, 300, generator=generator)
+    tokens = fastlstm.sample(logits, 1.5, min_p=1.0, backend=backend, generator=generator)
+    assert torch.equal(tokens, logits.argmax(-1))
+    # min-p leaves greedy rows alone: the argmax always passes it
+    assert torch.equal(fastlstm.sample(logits, 0.0, min_p=0.5, backend=backend),
+                       logits.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_min_p(backend):
+    logits = torch.randn(3, 10)
+    for min_p in (-0.1, 1.5, math.nan, math.inf, "0.1", None, True, torch.ones(2)):
+        with pytest.raises(ValueError, match="min_p"):
+            fastlstm.sample(logits, 1.0, min_p=min_p, backend=backend)
+    with pytest.raises(ValueError, match="min_p"):
+        fastlstm.Sampler(min_p=2.0)
+
+
+# --- ties ----------------------------------------------------------------------------------------
+
+def tied_logits(vocab, tied, seed):
+    """Logits below 0 with the max, 2.0, at every index of `tied`."""
+    z = -torch.rand(vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+    z[list(tied)] = 2.0
+    return z
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ties(backend):
+    """Several tokens share the max: greedy takes the first; sampling spreads over them, with the
+    k-th's ties kept by top-k and the last kept token's ties by top-p."""
+    vocab, tied = 60, (9, 23, 24, 51)
+    z = tied_logits(vocab, tied, seed=3)
+    logits = z.float().expand(DRAWS, vocab).contiguous()
+    for top_k, top_p in ((0, 1.0), (2, 1.0), (0, 0.05), (0, 1.0)):
+        assert torch.equal(fastlstm.sample(logits[:5], 0.0, top_k=top_k, top_p=top_p,
+                                           backend=backend), torch.full((5,), 9))
+    for top_k, top_p, min_p in ((0, 1.0, 0.0), (2, 1.0, 0.0), (0, 0.05, 0.0), (0, 1.0, 0.9)):
+        tokens = fastlstm.sample(logits, 0.7, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 backend=backend, generator=torch.Generator().manual_seed(15))
+        probs = reference_probs(z.float().double(), 0.7, top_k, top_p, min_p)
+        if top_k or top_p < 1.0 or min_p:
+            assert set(torch.nonzero(probs).flatten().tolist()) == set(tied)
+        p = chi_square_p_value(tokens, probs)
+        assert p > P_VALUE_FLOOR, f"{backend}, {top_k}, {top_p}, {min_p}: p = {p:.2e}"
+
+
+# --- Triton: rows split over several programs, under the interpreter ----------------------------
+
+def _triton_or_skip():
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip(why_unavailable("triton", "cpu") or "triton unavailable")
+    from fastlstm.triton_sample import triton_sample
+    return triton_sample
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (20, 1.0, 0.0), (0, 0.6, 0.0),
+                                                 (30, 0.9, 0.0), (0, 1.0, 0.05), (25, 0.8, 0.1)])
+def test_triton_split_rows_match_one_program(top_k, top_p, min_p):
+    """A row split over 2 or 5 programs (per-split partial masses, merged in a fixed order)
+    draws exactly the tokens of one program per row: the same thresholds, the same noise."""
+    triton_sample = _triton_or_skip()
+    logits = 2 * torch.randn(6, 1200, generator=torch.Generator().manual_seed(21))
+    logits[2, :600] = -math.inf
+    logits[4, 100:110] = logits[4].max()  # ties at the max across a split boundary
+    temperature = torch.tensor([0.5, 1.0, 1.5, 0.0, 0.8, 1.0])
+    drawn = [triton_sample(logits, temperature, top_k, top_p, torch.Generator().manual_seed(9),
+                           min_p=min_p, splits=splits) for splits in (1, 2, 5)]
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2]), drawn
+    assert int(drawn[0][3]) == int(logits[3].argmax())
+    assert int(drawn[0][2]) >= 600
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (24, 0.85, 0.0),
+                                                 (0, 0.9, 0.08)])
+def test_triton_split_rows_distribution(top_k, top_p, min_p):
+    """Chi-square of the split path (V = 130: three programs a row) against softmax(z / T)."""
+    triton_sample = _triton_or_skip()
+    vocab, draws = 130, 8000
+    z = make_logits(vocab, seed=23)
+    logits = z.float().expand(draws, vocab).contiguous()
+    tokens = triton_sample(logits, 0.9, top_k, top_p, torch.Generator().manual_seed(16),
+                           min_p=min_p, splits=3)
+    p = chi_square_p_value(tokens, reference_probs(z.float().double(), 0.9, top_k, top_p, min_p))
+    assert p > P_VALUE_FLOOR, f"{top_k}, {top_p}, {min_p}: chi-square p = {p:.2e}"
+
+
+def test_triton_split_rows_ties_and_errors():
+    triton_sample = _triton_or_skip()
+    vocab, tied = 300, (7, 150, 299)
+    z = tied_logits(vocab, tied, seed=4).float()
+    logits = z.expand(3000, vocab).contiguous()
+    greedy = triton_sample(logits[:4], 0.0, 2, 0.5, None, splits=4)
+    assert torch.equal(greedy, torch.full((4,), 7))
+    tokens = triton_sample(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(3), splits=4)
+    expected = torch.zeros(vocab, dtype=torch.float64)
+    expected[list(tied)] = 1.0 / 3
+    p = chi_square_p_value(tokens, expected)
+    assert p > P_VALUE_FLOOR, f"chi-square p = {p:.2e}"
+    bad = z.expand(3, vocab).clone()
+    bad[1, 200] = math.nan
+    bad[2] = -math.inf
+    marked = triton_sample(bad, 1.0, 5, 0.9, None, min_p=0.1, splits=4)
+    assert int(marked[0]) in tied and marked[1:].tolist() == [-1, -1]
 
 
 def test_chi_square_rejects_a_wrong_distribution():
@@ -238,6 +384,11 @@ def test_cpu_op_checks_and_compiles():
     torch.library.opcheck(op, (torch.randn(2, 3, 33).half(), torch.rand(2, 3), 1.0, 4, 0.9, None),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+    torch.library.opcheck(op, (torch.randn(4, 33), None, 0.7, 0, 1.0, None),
+                          {"min_p": 0.2}, test_utils=("test_schema", "test_autograd_registration",
+                                                      "test_faketensor"))
+    with pytest.raises(ValueError, match="min_p must be in"):
+        op(torch.randn(4, 33), None, 0.7, 0, 1.0, None, min_p=1.5)
 
     def step(logits):
         return fastlstm.sample(logits, 0.0, backend="cpu")
@@ -252,6 +403,8 @@ def test_sampler_module():
     logits = torch.randn(6, 20)
     assert torch.equal(sampler(logits), logits.argmax(-1))
     assert "top_k=3" in repr(sampler)
+    assert torch.equal(fastlstm.Sampler(temperature=2.0, min_p=1.0)(logits), logits.argmax(-1))
+    assert "min_p=1.0" in repr(fastlstm.Sampler(min_p=1.0))
     with pytest.raises(ValueError, match="top_p"):
         fastlstm.Sampler(top_p=2.0)
 
@@ -320,7 +473,8 @@ def test_cpu_lower_kernels(kernels):
     env = dict(os.environ, FASTLSTM_SAMPLE_KERNELS=kernels)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "(distribution and cpu and not cuda) or long_rows or masked or greedy or threads"],
+         "(distribution and cpu and not cuda) or long_rows or masked or greedy or threads"
+         " or (min_p and cpu) or (ties and cpu)"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
@@ -400,5 +554,105 @@ def test_cuda_graph_replay_draws_fresh_tokens(backend):
     for _ in range(3):
         graph.replay()
         draws.append(tokens.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def test_check_tokens_without_temperature_names_the_bad_row():
+    logits = torch.zeros(3, 5)
+    logits[1, 2] = float("nan")
+    tokens = torch.tensor([0, -1, 4])
+    with pytest.raises(ValueError, match="row 1 contains NaN"):
+        sampling.check_tokens(tokens, logits)
+    sampling.check_tokens(torch.tensor([0, 1, 4]), logits)  # no bad token: no error
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (50, 1.0, 0.0), (0, 0.9, 0.0),
+                                                 (50, 0.9, 0.0), (0, 1.0, 0.05),
+                                                 (100, 0.95, 0.02)])
+def test_cuda_long_rows_distribution(backend, batch, top_k, top_p, min_p):
+    """V = 50000 at batch 1 (a row split over many blocks / programs, thresholds merged across
+    them) and batch 64: chi-square against softmax(z / T) after the filters, and greedy rows."""
+    _cuda_backend_or_skip(backend)
+    vocab, temperature = 50000, 0.9
+    z = 3 * torch.randn(vocab, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    z[torch.randperm(vocab, generator=torch.Generator().manual_seed(32))[:100]] = -math.inf
+    logits = z.float().cuda().expand(batch, vocab).contiguous()
+    generator = torch.Generator("cuda").manual_seed(17)
+    # batch 1: one call a draw (about 40 launches each on the filtered split path), so fewer
+    calls = 5000 if batch == 1 else -(-DRAWS // batch)
+    tokens = torch.cat([fastlstm.sample(logits, temperature, top_k=top_k, top_p=top_p,
+                                        min_p=min_p, generator=generator, backend=backend)
+                        for _ in range(calls)]).cpu()
+    assert int(tokens.min()) >= 0
+    p = chi_square_p_value(tokens, reference_probs(z.float().double(), temperature, top_k, top_p,
+                                                   min_p))
+    assert p > P_VALUE_FLOOR, f"{backend}, B={batch}, {top_k}, {top_p}, {min_p}: p = {p:.2e}"
+    greedy = fastlstm.sample(logits, 0.0, top_k=top_k, top_p=top_p, min_p=min_p,
+                             backend=backend, check=True)
+    assert bool((greedy == int(z.argmax())).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("batch", [1, 64])
+def test_cuda_long_rows_ties(backend, batch):
+    """Ties at the max in different blocks of a long row: greedy takes the first; sampling with
+    top-k 2 / top-p 1e-4 / min-p 0.99 keeps exactly the tied tokens and spreads evenly."""
+    _cuda_backend_or_skip(backend)
+    vocab, tied = 50000, (11, 20000, 49999)
+    z = tied_logits(vocab, tied, seed=5).float()
+    logits = z.cuda().expand(batch, vocab).contiguous()
+    expected = torch.zeros(vocab, dtype=torch.float64)
+    expected[list(tied)] = 1.0 / 3
+    assert torch.equal(reference_probs(z.double(), 1.0, 0, 1e-4), expected)
+    for top_k, top_p, min_p in ((2, 1.0, 0.0), (0, 1e-4, 0.0), (0, 1.0, 0.99), (2, 0.5, 0.5)):
+        greedy = fastlstm.sample(logits, 0.0, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 backend=backend, check=True)
+        assert bool((greedy == 11).all())
+        generator = torch.Generator("cuda").manual_seed(top_k + 1)
+        tokens = torch.cat([fastlstm.sample(logits, 1.0, top_k=top_k, top_p=top_p, min_p=min_p,
+                                            generator=generator, backend=backend)
+                            for _ in range(-(-3000 // batch))]).cpu()
+        p = chi_square_p_value(tokens, expected)
+        assert p > P_VALUE_FLOOR, f"{backend}, B={batch}, {top_k}, {top_p}, {min_p}: p = {p:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_filtered_errors_and_graph(backend):
+    """Bad rows on the filtered split path give -1; the filtered path replays in a CUDA graph
+    with fresh draws; the same generator state gives the same tokens."""
+    _cuda_backend_or_skip(backend)
+    logits = torch.randn(3, 50000, device="cuda")
+    logits[1, 7] = math.nan
+    logits[2] = -math.inf
+    tokens = fastlstm.sample(logits, 1.0, top_k=50, top_p=0.9, min_p=0.01, backend=backend)
+    assert int(tokens[0]) >= 0 and tokens[1:].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="row 1 contains NaN"):
+        fastlstm.sample(logits, 1.0, top_k=50, backend=backend, check=True)
+    good = torch.zeros(2, 50000, device="cuda")  # uniform: repeats would be a coincidence
+    generator = torch.Generator("cuda").manual_seed(4)
+    state = generator.get_state()
+    first = fastlstm.sample(good, 1.0, top_k=40000, top_p=0.9, generator=generator,
+                            backend=backend)
+    generator.set_state(state)
+    assert torch.equal(fastlstm.sample(good, 1.0, top_k=40000, top_p=0.9, generator=generator,
+                                       backend=backend), first)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fastlstm.sample(good, 1.0, top_k=40000, top_p=0.9, min_p=0.5, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        drawn = fastlstm.sample(good, 1.0, top_k=40000, top_p=0.9, min_p=0.5, backend=backend)
+    draws = []
+    for _ in range(3):
+        graph.replay()
+        draws.append(drawn.clone())
     torch.cuda.synchronize()
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])

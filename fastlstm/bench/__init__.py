@@ -8,6 +8,8 @@ Suites (see DESIGN.md, "Benchmarks"):
            oneDNN disabled), beside the floor: the step's weight bytes over memory bandwidth
   sample   fastlstm.sample against torch.multinomial(torch.softmax(z / T, -1), 1), beside the
            floor: logits bytes over memory bandwidth
+  quant    (only when named) int8 / bf16 models from fastlstm.quantize on the CPU: decode against
+           fastlstm float32 and the torch.ao int8 eager loop, forward against torch.ao's int8 LSTM
 
 Every comparison is timed interleaved and reported as the median of per-round ratios; records go
 to benchmarks/results/ as JSON lines (records.py holds the schema), tables to the terminal, and
@@ -24,7 +26,7 @@ import time
 import torch
 
 from . import plot, records, report, runner, shapes, timing, workloads  # noqa: F401
-from .shapes import SUITES
+from .shapes import OPT_IN_SUITES, SUITES
 
 __all__ = ["main", "shapes", "workloads", "timing", "records", "report", "plot", "runner"]
 
@@ -51,7 +53,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                      help="dtype of the baselines when it should differ (e.g. fp16 cuDNN against "
                           "bf16 fastlstm); default: --dtype")
     run.add_argument("--suites", default=",".join(SUITES),
-                     help=f"comma-separated subset of {','.join(SUITES)} (default all)")
+                     help=f"comma-separated subset of {','.join(SUITES + OPT_IN_SUITES)} (default "
+                          f"{','.join(SUITES)})")
     run.add_argument("--backends", default=None,
                      help="comma-separated fastlstm backends to measure (cpu, cuda, triton, "
                           "torch, auto), or 'all'; default: the fused backends of the device "
@@ -109,8 +112,9 @@ def _split(text: str) -> list[str]:
 def _options(args, argv, prog) -> runner.Options:
     suites = _split(args.suites)
     for suite in suites:
-        if suite not in SUITES:
-            raise ValueError(f"--suites: {suite!r} is not a suite; expected {', '.join(SUITES)}")
+        if suite not in SUITES + OPT_IN_SUITES:
+            raise ValueError(f"--suites: {suite!r} is not a suite; expected "
+                             f"{', '.join(SUITES + OPT_IN_SUITES)}")
     device_type = args.device.split(":")[0]
     backends = None
     if args.backends:

@@ -96,9 +96,15 @@ def _sample_plot(plt, panels, path):
     figure, panel_axes = _panel_figure(plt, panels, 5.5)
     for axis, (key, group) in panel_axes:
         by_batch: dict = {}
-        for record in group:
-            by_batch.setdefault(record["shape"]["batch"], []).append(record)
-        for batch, batch_records in sorted(by_batch.items()):
+        for record in group:  # one line per batch and filter (top-k / top-p rows apart)
+            shape = record["shape"]
+            line = (shape["batch"], shape.get("top_k", 0), shape.get("top_p", 1.0))
+            by_batch.setdefault(line, []).append(record)
+        for (batch, top_k, top_p), batch_records in sorted(by_batch.items()):
+            if top_k:
+                batch = f"{batch} top-k={top_k}"
+            if top_p < 1.0:
+                batch = f"{batch} top-p={top_p:g}"
             batch_records.sort(key=lambda r: r["shape"]["vocab"])
             vocab = [r["shape"]["vocab"] for r in batch_records]
             line = axis.plot(vocab, [r["fastlstm_median"] * 1e6 for r in batch_records],

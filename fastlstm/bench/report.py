@@ -9,6 +9,7 @@ from . import records as records_module
 
 UNITS = {"train": "per batch, forward + backward", "forward": "per batch, inference forward",
          "decode": "per generated token, batch 1", "sample": "per call",
+         "quant": "quantized CPU inference: decode per token, forward per batch",
          "fastrnns_fwd": "fastrnns conventions, forward", "fastrnns_bwd":
          "fastrnns conventions, backward"}
 
@@ -35,7 +36,8 @@ def _time_cell(record, which: str) -> str:
     seconds = record[f"{which}_median"]
     text = format_time(seconds, record["unit"] == "s/token")
     tokens = record["work"].get("tokens")
-    if seconds and tokens and record["suite"] not in ("decode", "sample"):
+    if seconds and tokens and record["suite"] not in ("decode", "sample") \
+            and record["unit"] != "s/token":
         text += f" ({format_rate(tokens / seconds)} tok/s)"
     return text
 

@@ -100,7 +100,7 @@ class Runner:
             "device": self.device.type, "dtype": workloads.dtype_name(self.dtype),
             "baseline_dtype": workloads.dtype_name(self.baseline_dtype), "backend": backend,
             "backend_ran": None, "baseline": baseline, "status": "ok", "reason": None,
-            "unit": "s/token" if suite == "decode" else "s",
+            "unit": "s/token" if suite == "decode" or getattr(shape, "per_token", False) else "s",
             "fastlstm_times": None, "baseline_times": None, "ratios": None,
             "fastlstm_median": None, "baseline_median": None, "ratio_median": None,
             "rounds": self.rounds, "inner": None, "timer": None, "work": {},
@@ -115,6 +115,8 @@ class Runner:
         return record
 
     def _floor(self, suite, work, floor_times) -> dict:
+        if suite == "quant":  # compared with its baselines only
+            return {}
         if suite in ("train", "forward"):
             # The rate is a ceiling: the best of the run's own measurement and of the same matrix
             # product timed in this comparison's rounds (the load of a shared machine moves both).
@@ -149,6 +151,8 @@ class Runner:
         return work["bytes"] if suite == "sample" else work["bytes_per_token"]
 
     def _floor_read(self, suite, work):
+        if suite == "quant":
+            return None
         if suite in ("train", "forward"):
             peak = self.peak(self.dtype)
             size = peak["size"]
@@ -167,7 +171,7 @@ class Runner:
         """One shape on one backend: a record per baseline (or one skipped/error record)."""
         build = workloads.BUILDERS[suite]
         kwargs = {"baseline_dtype": self.baseline_dtype}
-        if suite == "decode":
+        if suite in ("decode", "quant"):
             kwargs["new_tokens"] = self.decode_tokens
         if suite == "train" and self.options.regularizers:
             kwargs["regularizers"] = self.options.regularizers

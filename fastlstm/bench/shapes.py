@@ -45,14 +45,28 @@ class LSTMShape:
 
 @dataclasses.dataclass(frozen=True)
 class SampleShape:
-    """A sampling problem: logits [B, V]."""
+    """A sampling problem: logits [B, V], optionally filtered by top-k / top-p."""
 
     batch: int
     vocab: int
+    top_k: int = 0
+    top_p: float = 1.0
+
+    # --shapes gives B and V only; the filtered rows are the default shapes'
+    PARSED_FIELDS = 2
+
+    @property
+    def filtered(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
 
     @property
     def label(self) -> str:
-        return f"B={self.batch} V={self.vocab}"
+        text = f"B={self.batch} V={self.vocab}"
+        if self.top_k:
+            text += f" top-k={self.top_k}"
+        if self.top_p < 1.0:
+            text += f" top-p={self.top_p:g}"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,9 @@ class DecodeShape:
 
 
 SUITES = ("train", "forward", "decode", "sample")
+# Suites run only when named with --suites: quant (quantized CPU inference,
+# fastlstm/bench/quant.py).
+OPT_IN_SUITES = ("quant",)
 
 # This machine's (CPU) figures, as the performance goals state them.
 CPU_TRAIN = (
@@ -90,8 +107,12 @@ CPU_TRAIN = (
     LSTMShape(64, 64, 128, 128, 1),
     LSTMShape(8, 200, 64, 128, 2),
 )
+# Filtered rows (top-k 50, top-p 0.9) sit beside the plain ones of the same B and V.
+FILTER_TOP_K, FILTER_TOP_P = 50, 0.9
 CPU_SAMPLE = (SampleShape(1, 65), SampleShape(1, 33278), SampleShape(64, 33278),
-              SampleShape(8, 128256))
+              SampleShape(8, 128256),
+              SampleShape(1, 33278, FILTER_TOP_K, FILTER_TOP_P),
+              SampleShape(64, 33278, FILTER_TOP_K, FILTER_TOP_P))
 CPU_DECODE = (DecodeShape(65, 64, 256, 2), DecodeShape(10000, 256, 512, 2))
 
 # The GPU grid: training for every (B, T, H) below with I = H, one layer.
@@ -112,18 +133,24 @@ GPU_TRAIN_GRID = tuple(
     LSTMShape(batch, steps, hidden, hidden, 1)
     for hidden, steps, batch in itertools.product(GPU_GRID_HIDDEN, GPU_GRID_STEPS, GPU_GRID_BATCH))
 GPU_SAMPLE = (SampleShape(64, 128256), SampleShape(1, 128256), SampleShape(1, 65),
-              SampleShape(64, 33278), SampleShape(8, 262144))
+              SampleShape(64, 33278), SampleShape(8, 262144),
+              SampleShape(1, 128256, FILTER_TOP_K, FILTER_TOP_P),
+              SampleShape(64, 128256, FILTER_TOP_K, FILTER_TOP_P))
 GPU_DECODE = (DecodeShape(65, 64, 1024, 2), DecodeShape(65, 64, 256, 2),
               DecodeShape(10000, 256, 512, 2))
 
 # --quick: tiny problems that run in seconds even on the torch reference backend.
 QUICK_TRAIN = (LSTMShape(4, 16, 16, 32, 1), LSTMShape(2, 8, 8, 16, 2))
-QUICK_SAMPLE = (SampleShape(1, 65), SampleShape(4, 1000))
+QUICK_SAMPLE = (SampleShape(1, 65), SampleShape(4, 1000),
+                SampleShape(4, 1000, FILTER_TOP_K, FILTER_TOP_P))
 QUICK_DECODE = (DecodeShape(65, 16, 32, 1),)
 
 
 def default_shapes(suite: str, device: str, quick: bool = False) -> tuple:
     """The shapes a suite measures by default on a device type ("cpu" or "cuda")."""
+    if suite == "quant":
+        from . import quant
+        return quant.QUICK_SHAPES if quick else quant.CPU_SHAPES
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {', '.join(SUITES)}; got {suite!r}")
     if quick:
@@ -144,6 +171,9 @@ _SHAPE_FIELDS = {"train": (LSTMShape, "BxTxIxHxL or BxTxIxH"),
 
 def parse_shape(suite: str, text: str):
     """Parse one shape of `suite` written as numbers joined by 'x' (e.g. train '16x1024x768x768x1')."""
+    if suite == "quant":
+        from . import quant
+        return quant.parse(text)
     if suite not in _SHAPE_FIELDS:
         raise ValueError(f"suite must be one of {', '.join(SUITES)}; got {suite!r}")
     kind, form = _SHAPE_FIELDS[suite]
@@ -153,7 +183,7 @@ def parse_shape(suite: str, text: str):
         raise ValueError(f"--shapes: {suite} shape {text!r} must be {form} (positive integers "
                          f"joined by 'x')") from None
     required = len([f for f in dataclasses.fields(kind) if f.default is dataclasses.MISSING])
-    total = len(dataclasses.fields(kind))
+    total = getattr(kind, "PARSED_FIELDS", len(dataclasses.fields(kind)))
     if not required <= len(numbers) <= total or min(numbers) <= 0:
         raise ValueError(f"--shapes: {suite} shape {text!r} must be {form} (positive integers "
                          f"joined by 'x')")
@@ -167,9 +197,9 @@ def parse_shapes_option(values: list[str]) -> dict[str, tuple]:
     for value in values:
         suite, sep, rest = value.partition("=")
         suite = suite.strip()
-        if not sep or suite not in SUITES or not rest.strip():
+        if not sep or suite not in SUITES + OPT_IN_SUITES or not rest.strip():
             raise ValueError(f"--shapes expects SUITE=SHAPE[,SHAPE...] with SUITE one of "
-                             f"{', '.join(SUITES)}; got {value!r}")
+                             f"{', '.join(SUITES + OPT_IN_SUITES)}; got {value!r}")
         for text in rest.split(","):
             text = text.strip()
             if text in ("gpu-grid", "gpu-headline"):

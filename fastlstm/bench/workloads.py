@@ -151,9 +151,31 @@ def softmax_multinomial(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.multinomial(torch.softmax(logits / temperature, -1), 1)
 
 
+def top_k_top_p_multinomial(logits: torch.Tensor, temperature: float, top_k: int,
+                            top_p: float) -> torch.Tensor:
+    """The filtered sampling baseline: the usual PyTorch top-k / top-p loop (topk for the k-th
+    value, then sort, softmax and cumsum for the nucleus), softmax and torch.multinomial."""
+    scaled = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, -1)
+        # drop a token once the tokens before it already hold top_p (the first one stays)
+        drop_sorted = torch.cumsum(sorted_probs, -1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return torch.multinomial(torch.softmax(scaled, -1), 1)
+
+
+FILTERED_BASELINE = "top-k/top-p sort + multinomial"
+
+
 def sample(shape: SampleShape, device, dtype: torch.dtype, backend: str,
            baseline_dtype: torch.dtype | None = None) -> Workload:
-    """fastlstm.sample against softmax + torch.multinomial on the same logits."""
+    """fastlstm.sample against softmax + torch.multinomial on the same logits (with top-k /
+    top-p: against the usual sort / cumsum filtering loop before them)."""
     import fastlstm
     device = torch.device(device)
     if not hasattr(fastlstm, "sample"):
@@ -171,6 +193,16 @@ def sample(shape: SampleShape, device, dtype: torch.dtype, backend: str,
                              generator=generator)
     base_logits = logits.to(baseline_dtype or dtype)
     sample_fn = fastlstm.sample
+    top_k, top_p = shape.top_k, shape.top_p
+    if shape.filtered:
+        return Workload(
+            fastlstm=lambda: sample_fn(logits, SAMPLE_TEMPERATURE, top_k=top_k, top_p=top_p,
+                                       backend=backend),
+            baselines={FILTERED_BASELINE: lambda: top_k_top_p_multinomial(
+                base_logits, SAMPLE_TEMPERATURE, top_k, top_p)},
+            backend_ran=ran,
+            work={"bytes": logits.numel() * logits.element_size(), "rows": shape.batch},
+            graph_safe=True)
     return Workload(
         fastlstm=lambda: sample_fn(logits, SAMPLE_TEMPERATURE, backend=backend),
         baselines={"softmax + multinomial": lambda: softmax_multinomial(base_logits,
@@ -262,4 +294,11 @@ def decode(shape: DecodeShape, device, dtype: torch.dtype, backend: str,
         calls_per_unit=new_tokens)
 
 
-BUILDERS = {"train": train, "forward": forward, "sample": sample, "decode": decode}
+def quant(shape, device, dtype: torch.dtype, backend: str,
+          baseline_dtype: torch.dtype | None = None, new_tokens: int = 64) -> Workload:
+    """The quant suite (fastlstm/bench/quant.py): int8 / bf16 models from fastlstm.quantize."""
+    from . import quant as quant_suite
+    return quant_suite.build(shape, device, dtype, backend, baseline_dtype, new_tokens)
+
+
+BUILDERS = {"train": train, "forward": forward, "sample": sample, "decode": decode, "quant": quant}

@@ -25,17 +25,18 @@ from .. import _backends
 # The draw
 # ------------------------------------------------------------------------------------------------
 
-def draw(logits, temperature, top_k, top_p, generator):
+def draw(logits, temperature, top_k, top_p, generator, min_p=0.0):
     """Token ids [B] from logits [B, V]: fastlstm.sample."""
     from ..sampling import sample  # imported here: fastlstm.sampling imports this package's parent
-    return sample(logits, temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return sample(logits, temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------------
 # Arguments and weights
 # ------------------------------------------------------------------------------------------------
 
-def _check_arguments(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator):
+def _check_arguments(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator,
+                     min_p=0.0):
     for name in ("embedding", "lstm", "head"):
         if not hasattr(model, name):
             raise TypeError(f"generate: model must have .embedding, .lstm and .head (an "
@@ -58,14 +59,7 @@ def _check_arguments(model, prompt_ids, max_new_tokens, temperature, top_k, top_
                          f"[{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
-    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-            or not (temperature >= 0 and math.isfinite(temperature))):
-        raise ValueError(f"generate: temperature must be a finite float >= 0 (0 = greedy); got "
-                         f"{temperature!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"generate: top_k must be an int >= 0 (0 = off); got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1] (1 = off); got {top_p!r}")
+    _check_sampling(temperature, top_k, top_p, min_p)
     device = model.head.weight.device
     if prompt_ids.device != device:
         raise ValueError(f"generate: prompt_ids is on {prompt_ids.device} but the model is on "
@@ -77,6 +71,20 @@ def _check_arguments(model, prompt_ids, max_new_tokens, temperature, top_k, top_
         if generator.device.type != device.type:
             raise ValueError(f"generate: the generator is on {generator.device} but the model is "
                              f"on {device}; use torch.Generator(device={str(device)!r})")
+
+
+def _check_sampling(temperature, top_k, top_p, min_p):
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not (temperature >= 0 and math.isfinite(temperature))):
+        raise ValueError(f"generate: temperature must be a finite float >= 0 (0 = greedy); got "
+                         f"{temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"generate: top_k must be an int >= 0 (0 = off); got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1] (1 = off); got {top_p!r}")
+    if (not isinstance(min_p, (int, float)) or isinstance(min_p, bool)
+            or not 0.0 <= min_p <= 1.0):  # NaN fails the range too
+        raise ValueError(f"generate: min_p must be a float in [0, 1] (0 = off); got {min_p!r}")
 
 
 class _StepWeights:
@@ -115,6 +123,13 @@ class _StepWeights:
         return F.linear(x, self.head_weight, self.head_bias)
 
 
+def _step_weights(model):
+    """_StepWeights, or for a model quantized by fastlstm.quantize its packed weights and their
+    C++ decode op (torch.ops.fastlstm.quant_decode_cpu)."""
+    from ..quant import quantized_step_weights
+    return quantized_step_weights(model) or _StepWeights(model)
+
+
 # ------------------------------------------------------------------------------------------------
 # Decoder
 # ------------------------------------------------------------------------------------------------
@@ -133,7 +148,7 @@ def _cpu_op():
         # is the drawn tokens [B, num_steps].
         @torch.library.register_fake("fastlstm::decode_cpu")
         def _(token, h, c, embedding, w_ih, w_hh, bias, head_weight, head_bias, temperature,
-              top_k, top_p, generator, num_steps):
+              top_k, top_p, generator, num_steps, min_p=0.0):
             return token.new_empty(token.shape[0], num_steps)
         _fake_registered = True
     return op
@@ -143,20 +158,23 @@ class Decoder:
     """Incremental generation: prefill once, then `next(n)` returns the next n tokens [B, n].
 
     generate() is Decoder(...).next(max_new_tokens); the command line uses next() in chunks to
-    print text as it comes.
+    print text as it comes. The sampling settings (temperature, top_k, top_p, min_p) may be
+    changed between next() calls; each call draws with the values it finds (the CUDA graph is
+    captured again when they changed since its capture).
     """
 
     def __init__(self, model, prompt_ids, temperature=1.0, top_k=0, top_p=1.0, generator=None,
-                 *, mode="auto"):
-        _check_arguments(model, prompt_ids, 0, temperature, top_k, top_p, generator)
+                 *, min_p=0.0, mode="auto"):
+        _check_arguments(model, prompt_ids, 0, temperature, top_k, top_p, generator, min_p)
         if mode not in ("auto", "python", "cpu_op", "cuda_graph"):
             raise ValueError(f"mode must be auto, python, cpu_op or cuda_graph; got {mode!r}")
         self.model = model
         self.temperature = float(temperature)
         self.top_k = int(top_k)
         self.top_p = float(top_p)
+        self.min_p = float(min_p)
         self.generator = generator
-        self.weights = _StepWeights(model)
+        self.weights = _step_weights(model)
         self.device = self.weights.head_weight.device
         self.batch = prompt_ids.shape[0]
         self.mode = self._choose_mode(mode)
@@ -186,16 +204,19 @@ class Decoder:
         # it within a sequence (the CPU op's models are float32 already).
         self.c = c.float().contiguous()
         self._graph = None
+        self._graph_settings = None  # the sampling settings the graph was captured with
 
     def _choose_mode(self, mode):
+        quantized = getattr(self.weights, "quantized", False)
+        has_op = self.weights.cpu_op_available() if quantized else _cpu_op() is not None
         if mode != "auto":
-            if mode == "cpu_op" and (_cpu_op() is None or self.device.type != "cpu"):
+            if mode == "cpu_op" and (not has_op or self.device.type != "cpu"):
                 raise RuntimeError("mode='cpu_op' needs a CPU model and fastlstm._C built with "
                                    "decode_cpu")
             if mode == "cuda_graph" and self.device.type != "cuda":
                 raise RuntimeError("mode='cuda_graph' needs a CUDA model")
             return mode
-        if self.device.type == "cpu" and self.weights.dtype == torch.float32 and _cpu_op():
+        if self.device.type == "cpu" and self.weights.dtype == torch.float32 and has_op:
             return "cpu_op"
         if self.device.type == "cuda":
             return "cuda_graph"
@@ -214,8 +235,13 @@ class Decoder:
             for module, training in modes:
                 module.training = training
 
+    def _settings(self):
+        """The sampling settings, checked: they are plain attributes a caller may change."""
+        _check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        return (float(self.temperature), int(self.top_k), float(self.top_p), float(self.min_p))
+
     def _draw(self, logits):
-        return draw(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        return draw(logits, self.temperature, self.top_k, self.top_p, self.generator, self.min_p)
 
     def next(self, count: int) -> torch.Tensor:
         """The next `count` tokens, int64 [B, count] on the model's device."""
@@ -224,6 +250,7 @@ class Decoder:
         out = torch.empty(self.batch, count, dtype=torch.int64, device=self.device)
         if count == 0:
             return out
+        settings = self._settings()
         # On CUDA the model's device is made current: Triton kernels and torch.cuda.graph's
         # capture stream use the current device, whatever device the tensors are on.
         device = (torch.cuda.device(self.device) if self.device.type == "cuda"
@@ -239,7 +266,7 @@ class Decoder:
                 if self.mode == "cpu_op":
                     self._run_cpu_op(out, done)
                 elif self.mode == "cuda_graph":
-                    self._run_cuda_graph(out, done)
+                    self._run_cuda_graph(out, done, settings)
                 else:
                     self._run_python(out, done)
         if self.device.type == "cuda":
@@ -257,9 +284,17 @@ class Decoder:
 
     def _run_cpu_op(self, out, start):
         w = self.weights
+        if getattr(w, "quantized", False):
+            tokens = w.decode(self.token, self.h, self.c, self.temperature, self.top_k,
+                              self.top_p, getattr(self, "min_p", 0.0), self.generator,
+                              out.shape[1] - start)
+            out[:, start:] = tokens
+            self.token = tokens[:, -1].contiguous()
+            return
         tokens = _cpu_op()(self.token, self.h, self.c, w.embedding, w.w_ih, w.w_hh, w.bias,
                            w.head_weight, w.head_bias, self.temperature, self.top_k, self.top_p,
-                           self.generator, out.shape[1] - start)
+                           self.generator, out.shape[1] - start,
+                           **({"min_p": self.min_p} if self.min_p > 0.0 else {}))
         out[:, start:] = tokens
         self.token = tokens[:, -1].contiguous()
 
@@ -316,9 +351,14 @@ class Decoder:
             generator.set_state(saved[3])
         self._graph = graph
 
-    def _run_cuda_graph(self, out, start):
+    def _run_cuda_graph(self, out, start, settings):
+        # The captured draw holds the sampling settings as constants: capture again when they
+        # changed (a capture costs a few steps' time; a settings change is rare).
+        if self._graph is not None and settings != self._graph_settings:
+            self._graph = None
         if self._graph is None:
             try:
+                self._graph_settings = settings
                 self._build_graph()
             except RuntimeError as error:
                 warnings.warn(f"generate: CUDA graph capture failed ({error}); decoding step by "
@@ -326,8 +366,7 @@ class Decoder:
                 self.mode = "python"
                 self._graph = None
                 return self._run_python(out, start)
-        else:
-            self._feed_token.copy_(self.token.clamp_min(0))
+        self._feed_token.copy_(self.token.clamp_min(0))
         index = start
         while index < out.shape[1]:
             count = min(self._GRAPH_HISTORY, out.shape[1] - index)
@@ -340,7 +379,7 @@ class Decoder:
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-             generator=None) -> torch.Tensor:
+             generator=None, *, min_p=0.0) -> torch.Tensor:
     """Continue each prompt row with `max_new_tokens` sampled tokens.
 
     Args:
@@ -349,12 +388,15 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=
         max_new_tokens: how many tokens to produce.
         temperature: float >= 0; 0 is greedy (argmax).
         top_k: keep the k most likely tokens (0: off). top_p: nucleus mass in (0, 1] (1: off).
+        min_p: keep the tokens at least min_p times as likely as the most likely one, in [0, 1]
+            (0: off); applied after top_k and top_p (see fastlstm.sample).
         generator: torch.Generator on the model's device (None: the default generator); the
             same generator state gives the same tokens.
 
     Returns int64 [B, max_new_tokens] on the model's device. The model runs in eval mode (no
     dropout) and is put back in its previous mode afterwards.
     """
-    _check_arguments(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator)
-    decoder = Decoder(model, prompt_ids, temperature, top_k, top_p, generator)
+    _check_arguments(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator,
+                     min_p)
+    decoder = Decoder(model, prompt_ids, temperature, top_k, top_p, generator, min_p=min_p)
     return decoder.next(max_new_tokens)
