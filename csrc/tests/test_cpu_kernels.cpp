@@ -112,11 +112,12 @@ Forward call_forward(const at::Tensor& xg, const at::Tensor& batch_sizes, const 
                                       const at::Tensor&, const at::Tensor&,
                                       const std::optional<at::Tensor>&, bool, bool,
                                       const std::optional<at::Tensor>&,
-                                      const std::optional<at::Tensor>&, double, double, int64_t,
-                                      bool, const std::optional<at::Tensor>&)>();
-  // No bias, no fused projection, no regularizers (zoneout 0, no W_hh mask).
+                                      const std::optional<at::Tensor>&, double, double,
+                                      const std::optional<at::Tensor>&, bool,
+                                      const std::optional<at::Tensor>&)>();
+  // No bias, no fused projection, no regularizers (zoneout 0, no seed, no W_hh mask).
   return op.call(xg, batch_sizes, h0, c0, w_hh, w_hr, reverse, true, std::nullopt, std::nullopt,
-                 0.0, 0.0, 0, false, std::nullopt);
+                 0.0, 0.0, std::nullopt, false, std::nullopt);
 }
 
 Backward call_backward(const at::Tensor& grad_out, const at::Tensor& grad_hn,
@@ -129,10 +130,11 @@ Backward call_backward(const at::Tensor& grad_out, const at::Tensor& grad_hn,
                        .typed<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const std::optional<at::Tensor>&, const at::Tensor&,
-                                       const at::Tensor&, bool, double, double, int64_t, bool,
+                                       const at::Tensor&, bool, double, double,
+                                       const std::optional<at::Tensor>&, bool,
                                        const std::optional<at::Tensor>&)>();
   return op.call(grad_out, grad_hn, grad_cn, batch_sizes, c0, w_hh, w_hr, gates, cells, reverse,
-                 0.0, 0.0, 0, false, std::nullopt);
+                 0.0, 0.0, std::nullopt, false, std::nullopt);
 }
 
 struct Case {
