@@ -190,6 +190,26 @@ def test_quick_train_and_forward_on_torch(tmp_path, capsys):
     assert "train (per batch, forward + backward)" in text and "B=4 T=16 I=16 H=32 L=1" in text
 
 
+def test_regularized_training_records_a_suite_of_its_own(tmp_path, capsys):
+    """--regularizers: each shape compared with nn.LSTM and with the same model with them off,
+    recorded as suite train_regularized, so the plain train tables never take these rows."""
+    out = tmp_path / "run.jsonl"
+    code, text, _ = run_cli(["--quick", "--backends", "torch", "--suites", "train",
+                             "--regularizers", "0.5,0.3,0.1", "--repeats", "2", "--threads", "1",
+                             "--out", str(out), "--quiet"], capsys)
+    assert code == 0, text
+    made = read_records(out)
+    assert {r["suite"] for r in made} == {"train_regularized"}
+    baselines = sorted({r["baseline"] for r in made})
+    assert len(baselines) == 2 and baselines[0] == "fastlstm.LSTM (regularizers off)"
+    assert baselines[1].startswith("nn.LSTM"), baselines
+    for record in made:
+        records.validate(record)
+        assert record["status"] == "ok", record["reason"]
+    chosen = report._select(records.latest(made), {"suite": "train", "device": "cpu"})
+    assert chosen == []
+
+
 def test_unavailable_backend_is_a_skipped_row(tmp_path, capsys):
     from fastlstm import _backends
     out = tmp_path / "run.jsonl"

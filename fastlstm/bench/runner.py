@@ -93,6 +93,11 @@ class Runner:
 
     # --- records ---------------------------------------------------------------------------
     def _record(self, suite, shape, backend, baseline, **fields) -> dict:
+        if suite == "train" and self.options.regularizers:
+            # Its own suite name, so tables of the plain train suite never take these records
+            # (their nn.LSTM rows would otherwise replace the plain run's); the values are in
+            # the command.
+            suite = "train_regularized"
         record = {
             "schema": records.SCHEMA, "run_id": self.run_id, "time": records.now(),
             "command": self.options.command, "suite": suite,
