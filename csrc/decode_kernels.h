@@ -8,6 +8,10 @@
 
 #include "cpu_steps.h"
 
+namespace at {
+class Tensor;
+}  // namespace at
+
 namespace fastlstm {
 namespace cpu {
 
@@ -22,6 +26,15 @@ struct DecodeKernels {
 };
 
 const DecodeKernels& decode_kernels();
+
+// One step's draw in a CPU decode op (decode_cpu.cpp, quant_cpu.cpp): rows [row_begin, row_end)
+// of logits [B, V] through sample_cpu, their random numbers those of a whole-batch call with
+// `seed`; each token becomes row b's next input (current[b]) and column `step` of
+// tokens [B, num_steps]. A token outside the embedding's vocab_in rows is an error of `op`.
+void draw_decode_rows(const char* op, const at::Tensor& logits, const at::Tensor& temperatures,
+                      int64_t top_k, double top_p, double min_p, uint64_t seed,
+                      int64_t row_begin, int64_t row_end, int64_t vocab_in, int64_t step,
+                      int64_t num_steps, int64_t* current, int64_t* tokens);
 
 }  // namespace cpu
 }  // namespace fastlstm

@@ -901,6 +901,16 @@ int64_t zoneout_seed_value(const std::optional<Tensor>& seed, const char* op) {
   return seed->item<int64_t>();
 }
 
+// The zoneout arguments both ops take, checked, as the masks the kernels read; the kernels get
+// them only when a probability is above 0.
+ZoneoutMasks checked_zoneout(const char* op, double zoneout_h, double zoneout_c,
+                             const std::optional<Tensor>& zoneout_seed, bool zoneout_expected) {
+  TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
+              ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
+  return make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed_value(zoneout_seed, op),
+                            zoneout_expected);
+}
+
 // With w_ih, the first argument is the layer input x [N, I] and the op computes the input gates
 // x @ W_ih^T itself: fused into the steps where they run on the own step GEMM (forward_split),
 // otherwise as one product up front.
@@ -943,11 +953,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_cpu(
   if (w_hh_mask.has_value()) {
     check_tensor(op, *w_hh_mask, "w_hh_mask", "[4*hidden, P]", {4 * hidden, proj}, dtype);
   }
-  TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
-              ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
   const ZoneoutMasks zone_masks =
-      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed_value(zoneout_seed, op),
-                         zoneout_expected);
+      checked_zoneout(op, zoneout_h, zoneout_c, zoneout_seed, zoneout_expected);
   const ZoneoutMasks* zoneout = zoneout_h > 0 || zoneout_c > 0 ? &zone_masks : nullptr;
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);
   // Every argument checked: the input projection, fused into the steps where forward_split runs
@@ -1125,11 +1132,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   if (w_hh_mask.has_value()) {
     check_tensor(op, *w_hh_mask, "w_hh_mask", "[4*hidden, P]", {4 * hidden, proj}, dtype);
   }
-  TORCH_CHECK(zoneout_h >= 0 && zoneout_h < 1 && zoneout_c >= 0 && zoneout_c < 1, op,
-              ": zoneout_h and zoneout_c must be in [0, 1), got ", zoneout_h, " and ", zoneout_c);
   const ZoneoutMasks zone_masks =
-      make_zoneout_masks(zoneout_h, zoneout_c, zoneout_seed_value(zoneout_seed, op),
-                         zoneout_expected);
+      checked_zoneout(op, zoneout_h, zoneout_c, zoneout_seed, zoneout_expected);
   const ZoneoutMasks* zoneout = zoneout_h > 0 || zoneout_c > 0 ? &zone_masks : nullptr;
   const Tensor* mask = w_hh_mask.has_value() ? &*w_hh_mask : nullptr;
   const std::vector<int64_t> sizes = step_sizes(op, batch_sizes, num_rows, batch);

@@ -546,18 +546,9 @@ at::Tensor quant_decode_cpu(const at::Tensor& token, at::Tensor& h, at::Tensor& 
       barrier.arrive_and_wait(weight);
       if (row_end > row_begin) {
         try {
-          const int64_t rows = row_end - row_begin;
-          const at::Tensor drawn =
-              sample_cpu(logits.narrow(0, row_begin, rows), temperatures.narrow(0, row_begin, rows),
-                         top_k, top_p, static_cast<int64_t>(seed), 0, row_begin, min_p);
-          const int64_t* drawn_data = drawn.data_ptr<int64_t>();
-          for (int64_t b = row_begin; b < row_end; ++b) {
-            const int64_t token_b = drawn_data[b - row_begin];
-            TORCH_CHECK(token_b >= 0 && token_b < vocab_in, op, ": drew token ", token_b,
-                        " but the embedding has only ", vocab_in, " rows");
-            current[b] = token_b;
-            tokens_data[b * num_steps + step] = token_b;
-          }
+          cpu::draw_decode_rows(op, logits, temperatures, top_k, top_p, min_p, seed, row_begin,
+                                row_end, vocab_in, step, num_steps, current.data(),
+                                tokens_data);
         } catch (...) {
           failures[part_begin] = std::current_exception();
           failed_step.store(step, std::memory_order_relaxed);
