@@ -9,8 +9,15 @@ generates a sample.
 
     python benchmarks/lm_quality.py --minutes 10
 
-Writes a JSON record (default benchmarks/results/lm_quality.json) and prints both validation
-losses (nats per character) and the sample.
+With --weight-drop / --locked-dropout / --zoneout a third contestant, fastlstm_reg, is the
+fastlstm model with those regularizers on (the same initial weights and --dropout); --contestants
+picks which of fastlstm, nn_lstm and fastlstm_reg race:
+
+    python benchmarks/lm_quality.py --minutes 10 --threads 1 --dropout 0.2 --weight-drop 0.2 \
+        --contestants fastlstm,fastlstm_reg
+
+Writes a JSON record (default benchmarks/results/lm_quality.json) and prints every contestant's
+validation loss (nats per character) and a sample from the last fastlstm contestant.
 """
 from __future__ import annotations
 
@@ -44,10 +51,19 @@ def _machine() -> dict:
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+CONTESTANTS = ("fastlstm", "nn_lstm", "fastlstm_reg")
+
+
+def _regularizers(args) -> dict:
+    return {"weight_drop": args.weight_drop, "locked_dropout": args.locked_dropout,
+            "zoneout": args.zoneout}
+
+
 def _build(kind: str, vocab: int, args) -> nn.Module:
-    torch.manual_seed(args.seed)  # the same initial weights for both
+    torch.manual_seed(args.seed)  # the same initial weights for every contestant
     model = LSTMLanguageModel(vocab, args.embed_dim, args.hidden_size, args.num_layers,
-                              dropout=args.dropout)
+                              dropout=args.dropout,
+                              **(_regularizers(args) if kind == "fastlstm_reg" else {}))
     if kind == "nn_lstm":
         baseline = nn.LSTM(args.embed_dim, args.hidden_size, args.num_layers, batch_first=True,
                            dropout=args.dropout if args.num_layers > 1 else 0.0)
@@ -69,6 +85,15 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--weight-drop", type=float, default=0.0,
+                        help="fastlstm_reg: DropConnect probability on the recurrent weights")
+    parser.add_argument("--locked-dropout", type=float, default=0.0,
+                        help="fastlstm_reg: variational dropout between LSTM layers")
+    parser.add_argument("--zoneout", type=float, default=0.0,
+                        help="fastlstm_reg: zoneout probability of h and c")
+    parser.add_argument("--contestants", default="",
+                        help="comma-separated subset of " + ",".join(CONTESTANTS) + " (default: "
+                        "fastlstm,nn_lstm, and fastlstm_reg when a regularizer is on)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -85,13 +110,27 @@ def main(argv=None) -> int:
         parser.error("--minutes must be > 0")
     if args.threads < 0:
         parser.error("--threads must be >= 0")
+    for name in ("weight_drop", "locked_dropout", "zoneout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
+    regularized = any(value > 0 for value in _regularizers(args).values())
+    if args.contestants:
+        kinds = tuple(k.strip() for k in args.contestants.split(",") if k.strip())
+        unknown = [k for k in kinds if k not in CONTESTANTS]
+        if unknown or not kinds or len(set(kinds)) != len(kinds):
+            parser.error(f"--contestants: expected distinct names from {', '.join(CONTESTANTS)}; "
+                         f"got {args.contestants!r}")
+    else:
+        kinds = ("fastlstm", "nn_lstm") + (("fastlstm_reg",) if regularized else ())
+    if "fastlstm_reg" in kinds and not regularized:
+        parser.error("--contestants: fastlstm_reg needs --weight-drop, --locked-dropout or "
+                     "--zoneout above 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or max(1, int(round(args.minutes)))
     device = torch.device(args.device)
 
     work = tempfile.mkdtemp(prefix="lm_quality_")
-    kinds = ("fastlstm", "nn_lstm")
     configs = {kind: TrainConfig(
         text=args.data, out_dir=os.path.join(work, kind), level="char", val_fraction=0.1,
         embed_dim=args.embed_dim, hidden_size=args.hidden_size, num_layers=args.num_layers,
@@ -116,7 +155,7 @@ def main(argv=None) -> int:
             summaries[kind] = train(config, model=models[kind], verbose=False)
             s = summaries[kind]
             trained_seconds[kind] += s["train_seconds"]
-            print(f"  round {round_index + 1}/{rounds} {kind:8s}: step {s['step']}, train loss "
+            print(f"  round {round_index + 1}/{rounds} {kind:12s}: step {s['step']}, train loss "
                   f"{s['train_loss']:.4f}", flush=True)
 
     results = {}
@@ -144,9 +183,11 @@ def main(argv=None) -> int:
             "eval_seconds": time.perf_counter() - started,
         }
     torch.manual_seed(args.seed)
-    model = models["fastlstm"].eval()
+    sampled = [kind for kind in kinds if kind != "nn_lstm"]
+    sampled = sampled[-1] if sampled else kinds[-1]
+    model = models[sampled].eval()
     tokenizer = tokenizer_from_dict(load_checkpoint(
-        os.path.join(work, "fastlstm", "checkpoint.pt"))["tokenizer"])
+        os.path.join(work, sampled, "checkpoint.pt"))["tokenizer"])
     prompt = "ROMEO:\n"
     ids = generate(model, torch.tensor([tokenizer.encode(prompt)], device=device),
                    args.sample_chars, temperature=0.8,
@@ -160,13 +201,17 @@ def main(argv=None) -> int:
                    "validation", "minutes_per_model": args.minutes, "rounds": rounds,
                    "embed_dim": args.embed_dim, "hidden_size": args.hidden_size,
                    "num_layers": args.num_layers, "dropout": args.dropout,
+                   "contestants": list(kinds),
+                   "fastlstm_reg": _regularizers(args) if "fastlstm_reg" in kinds else None,
                    "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                    "optimizer": "adamw", "schedule": "constant after 100 warmup steps",
                    "device": str(device)},
         "results": results,
-        "ratio_tokens_fastlstm_over_nn_lstm": (results["fastlstm"]["train_tokens"]
-                                               / max(1, results["nn_lstm"]["train_tokens"])),
-        "sample": {"prompt": prompt, "temperature": 0.8, "seed": args.seed, "text": sample},
+        "ratio_tokens_fastlstm_over_nn_lstm": (
+            results["fastlstm"]["train_tokens"] / max(1, results["nn_lstm"]["train_tokens"])
+            if "fastlstm" in results and "nn_lstm" in results else None),
+        "sample": {"model": sampled, "prompt": prompt, "temperature": 0.8, "seed": args.seed,
+                   "text": sample},
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
@@ -174,9 +219,9 @@ def main(argv=None) -> int:
     print(f"\nvalidation loss after {args.minutes} min each (nats/char):")
     for kind in kinds:
         r = results[kind]
-        print(f"  {kind:8s} {r['val_loss_nats_per_char']:.4f}  ({r['steps']} steps, "
+        print(f"  {kind:12s} {r['val_loss_nats_per_char']:.4f}  ({r['steps']} steps, "
               f"{r['train_tokens']:,} tokens)")
-    print(f"\nsample (fastlstm model, temperature 0.8):\n{sample}\n\nrecord: {args.out}")
+    print(f"\nsample ({sampled} model, temperature 0.8):\n{sample}\n\nrecord: {args.out}")
     return 0
 
 
