@@ -358,13 +358,13 @@ def test_bad_arguments(kwargs, name):
 def test_zoneout_hash_matches_package():
     """The package's mask function and this file's independent hash agree."""
     for seed, stream, p in [(0, 0, 0.3), (123456789123, 1, 0.05), (2 ** 62 + 5, 0, 0.9)]:
-        ours = recurrence.zoneout_keep(7, 33, p, seed, stream, False, torch.float32, "cpu")
+        ours = _recurrence.zoneout_keep(7, 33, p, seed, stream, False, torch.float32, "cpu")
         assert torch.equal(ours, spec_keep(7, 33, p, seed, stream).float())
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_mask_rates_and_reproducibility(monkeypatch, p):
-    keep = recurrence.zoneout_keep(4096, 64, p, 99, 0, False, torch.float64, "cpu")
+    keep = _recurrence.zoneout_keep(4096, 64, p, 99, 0, False, torch.float64, "cpu")
     assert abs(keep.mean().item() - p) < 0.01  # 262144 draws: sd < 0.001
     masks = record_masks(monkeypatch)
     module = fastlstm.LSTM(4, 64, 2, weight_drop=p, locked_dropout=p, zoneout=p,
