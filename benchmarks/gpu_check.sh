@@ -24,7 +24,7 @@
 # the installed build (backends cpu and triton, the latter under TRITON_INTERPRET=1); the tests
 # stage collects the CUDA-marked tests (they skip without a GPU: a collection error fails it);
 # each benchmark stage runs its suites on the CPU at the --quick shapes. `make test` runs it
-# (tests/test_gpu_check.py), so the script itself is tested on every change.
+# (tests/tooling/test_gpu_check.py), so the script itself is tested on every change.
 #
 # Writes at most 8 files, all in $OUT:
 #   env.txt      machine, versions, what is missing   build.log   the build (with ptxas's report)

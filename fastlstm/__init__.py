@@ -1,6 +1,6 @@
 """fastlstm: fused LSTM kernels and tooling for recurrent language models in PyTorch."""
 from ._backends import available_backends
-from .modules import LSTM, LSTMCell, convert
+from .lstm import LSTM, LSTMCell, convert
 from .sampling import Sampler, sample
 from .quant import quantize
 from . import _dynamo_support

@@ -43,7 +43,7 @@ def _triton_importable():
     except ImportError as error:
         return False, f"triton is not installed ({error})"
     try:
-        importlib.import_module("fastlstm.triton_lstm")
+        importlib.import_module("fastlstm.lstm.triton.recurrence")
     except ImportError as error:
         return False, f"fastlstm's Triton kernels could not be imported ({error})"
     return True, ""

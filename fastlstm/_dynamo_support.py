@@ -31,7 +31,7 @@ def _patch(builder_module) -> None:
         return
 
     def wrap_module(self, value):
-        from .modules import LSTM
+        from .lstm import LSTM
         if isinstance(value, LSTM) and not config.allow_rnn:
             with config.patch(allow_rnn=True):
                 return original(self, value)

@@ -2,7 +2,7 @@
 
 fastlstm.quantize(model, dtype) returns a copy of `model` whose LSTMs and linear layers hold
 int8 weights with one float32 scale per output row (symmetric), or bf16 weights, and run in the
-kernels of csrc/quant_cpu.cpp. See quantize() for the contract and the error bounds.
+kernels of csrc/quant/quant_cpu.cpp. See quantize() for the contract and the error bounds.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from . import _backends
 
 __all__ = ["quantize", "QuantizedLSTM", "QuantizedLinear", "kernel_names"]
 
-_PANEL = 16  # output rows per packed panel (csrc/quant_kernels.h)
+_PANEL = 16  # output rows per packed panel (csrc/quant/quant_kernels.h)
 _GROUP = {torch.int8: 4, torch.bfloat16: 2}  # K values per 32-bit lane of a panel
 
 
@@ -87,7 +87,7 @@ def quantize_rows(weight: torch.Tensor):
 
 def _lstm_row_order(hidden: int) -> torch.Tensor:
     """Source row (of W [4H, K]) of each packed row, -1 for padding: the gates of each block of
-    16 units in four consecutive panels (csrc/quant_cpu.cpp)."""
+    16 units in four consecutive panels (csrc/quant/quant_cpu.cpp)."""
     hidden_pad = -(-hidden // _PANEL) * _PANEL
     packed = torch.arange(4 * hidden_pad)
     block, within = packed // (4 * _PANEL), packed % (4 * _PANEL)
@@ -355,7 +355,7 @@ def quantize(model: nn.Module, dtype=torch.qint8) -> nn.Module:
     embedding) have requires_grad=False. fastlstm.lm.generate runs a quantized language model's
     decode loop in one C++ op (torch.ops.fastlstm.quant_decode_cpu), as it does for float32.
 
-    Kernels (csrc/quant_kernels*.cpp): AVX-512 VNNI for int8 and AVX512-BF16 for bf16, else AVX2,
+    Kernels (csrc/quant/quant_kernels*.cpp): AVX-512 VNNI for int8 and AVX512-BF16 for bf16, else AVX2,
     else portable C++, picked at run time; every path computes the same int8 dot products exactly.
 
     Error bound. Relative error ||y_q - y|| / ||y|| against the float32 model, random weights
@@ -363,7 +363,7 @@ def quantize(model: nn.Module, dtype=torch.qint8) -> nn.Module:
     inputs N(0, 1): on the LSTM outputs (and c_n) about 0.85% for int8 and 0.25% for bf16; on the
     logits of an LSTMLanguageModel (V=1000, E=64, H=256, L=2) 0.45% and 0.13%. Stated bound, and
     what the tests hold them to: int8 < 2%, bf16 < 0.5% (torch.ao's dynamic int8 LSTM makes about
-    2% on the same model). `python -m pytest tests/test_quantize.py -k bound -s` prints them.
+    2% on the same model). `python -m pytest tests/quant/test_quantize.py -k bound -s` prints them.
     Against a float64 computation from the dequantized weights with the same activation
     quantization, every kernel set agrees to float32 rounding (2e-5 absolute on outputs of
     magnitude <= 1): the quantization is the only approximation.

@@ -14,9 +14,9 @@
 #include <tuple>
 #include <vector>
 
-#include "cell.h"
-#include "decode_kernels.h"
-#include "step_gemm.h"
+#include "common/cell.h"
+#include "decode/decode_kernels.h"
+#include "cpu/step_gemm.h"
 
 namespace {
 

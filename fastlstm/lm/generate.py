@@ -272,7 +272,7 @@ class Decoder:
         if self.device.type == "cuda":
             # one synchronization per call, none per token: a row the sampler found bad
             # (NaN logits) comes back as -1 and is reported here
-            from ..sampling import check_tokens
+            from ..sampling.sampler import check_tokens
             check_tokens(out)
         return out
 

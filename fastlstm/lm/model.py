@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules import LSTM
+from ..lstm import LSTM
 
 
 class LSTMLanguageModel(nn.Module):

@@ -1,0 +1,2 @@
+"""The `triton` backend of the LSTM recurrence (recurrence.py). Importing this package does not
+import Triton; importing recurrence.py does."""
